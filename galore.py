@@ -1,0 +1,258 @@
+"""
+GaLore: Gradient Low-Rank Projection, as an AdamW that keeps its moments in a small subspace.
+
+Paper: Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+arXiv 2403.03507 (Algorithm 1 is what `GaLoreAdamW._update` implements).
+
+This file depends on torch only: copy it into your project and use it like the official package,
+
+    from galore import GaLoreAdamW, galore_param_groups
+    groups = galore_param_groups(model, rank=128, update_proj_gap=200, scale=0.25)
+    opt = GaLoreAdamW(groups, lr=0.01)          # then opt.step() / opt.zero_grad() as usual
+
+or with hand-made groups in the official format (a group with a 'rank' key is projected):
+
+    opt = GaLoreAdamW([{'params': other},
+                       {'params': matrices, 'rank': 128, 'update_proj_gap': 200,
+                        'scale': 0.25, 'proj_type': 'std'}], lr=0.01)
+
+Why it saves memory. AdamW keeps two moments per weight, so an m x n matrix costs 2mn extra numbers.
+GaLore projects the gradient G (m x n) onto r directions, R = G P^T or P^T G, runs Adam on R, and maps the
+Adam step back to m x n. The moments are then m x r (or r x n) and P is r x n (or m x r): for r << min(m, n)
+the optimizer state of the matrix shrinks from 2mn to 3 max(m,n) r numbers. The weights themselves stay full
+rank: every refresh of P (every T steps) opens a new subspace, so the sum of many low-rank steps is not
+low rank.
+"""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+class GaLoreAdamW(torch.optim.Optimizer):
+    r"""AdamW whose moments live in a rank-r subspace of each projected matrix's gradient.
+
+    The update of one projected parameter W (m x n) at optimizer step t (Algorithm 1 of the paper; the
+    names are the paper's and the code's):
+
+        G  = dL/dW                                      (m x n)     p.grad
+        if t is a refresh step (see schedule below):
+            U, S, V^T = svd(G)                                      fp32, _projector()
+            P = V^T[:r]      (r x n)  if m >= n  ("right": R = G P^T)
+            P = U[:, :r]     (m x r)  if m <  n  ("left":  R = P^T G)
+            M = V = 0, k = 0 if reset_on_update                     (k: the moments' age)
+        R  = G P^T (m x r)   or   P^T G (r x n)                     project()
+        k  = k + 1
+        M  = beta1 M + (1 - beta1) R                                 first moment, low rank
+        V  = beta2 V + (1 - beta2) R * R                             second moment, low rank
+        N  = (M / (1 - beta1^k)) / (sqrt(V / (1 - beta2^k)) + eps)   normalized Adam step, low rank
+        W  = W * (1 - lr * weight_decay)                             decoupled weight decay, full W
+        W  = W - lr * alpha * (N P  or  P N)                         project back, scale by alpha
+
+    A parameter in a group without 'rank' takes the same loop with P = identity and alpha = 1, which is
+    exactly torch.optim.AdamW (same order of operations: decay first, eps added after bias correction).
+
+    Schedule. One optimizer-level counter, s = number of steps already taken, decides for every matrix:
+      * s < proj_start_steps: full-rank warmup, every parameter is plain AdamW (full-size moments);
+      * s == proj_start_steps: the switch. Full-rank moments are freed, P is computed, low-rank moments start;
+      * s == proj_start_steps + j * T (T = update_proj_gap): refresh P for all projected matrices at once.
+    A matrix with r >= min(m, n) cannot be compressed and is trained full rank, like an unprojected one.
+
+    Differences from the official galore_torch.GaLoreAdamW (deliberate, see README):
+      * reset_on_update=True (default) zeroes M and V and restarts the bias correction at each refresh, since
+        moments measured in the old subspace mean nothing in the new one; False keeps them (official).
+      * proj_start_steps: optional full-rank warmup (the official code has none).
+      * eps after bias correction and weight decay before the update, as torch.optim.AdamW (the official code
+        adds eps before correcting and decays after stepping).
+      * state holds tensors and ints only (the official code stores a projector object), so checkpoints load
+        with torch.load(weights_only=True) and move between devices.
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 proj_start_steps=0, reset_on_update=True):
+        # `not 0.0 <= x` is also True for NaN, so a NaN hyperparameter is refused too.
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr} (must be a number >= 0)")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid epsilon value: {eps} (must be a number >= 0)")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be a number >= 0)")
+        if not (isinstance(proj_start_steps, int) and proj_start_steps >= 0):
+            raise ValueError(f"Invalid proj_start_steps: {proj_start_steps} (must be an int >= 0)")
+        self.proj_start_steps = proj_start_steps
+        self.reset_on_update = reset_on_update
+        self.steps_taken = 0  # the optimizer-level counter s; saved in state_dict()
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        # Called by Optimizer.__init__ for every group: validate GaLore groups once, here, never in step().
+        if "rank" in param_group:
+            g = param_group
+            g.setdefault("update_proj_gap", 200)
+            g.setdefault("scale", 0.25)
+            g.setdefault("proj_type", "std")
+            if not (isinstance(g["rank"], int) and g["rank"] > 0):
+                raise ValueError(f"Invalid rank: {g['rank']} (must be an int > 0)")
+            if not (isinstance(g["update_proj_gap"], int) and g["update_proj_gap"] > 0):
+                raise ValueError(f"Invalid update_proj_gap: {g['update_proj_gap']} (must be an int > 0)")
+            if not 0.0 < g["scale"]:
+                raise ValueError(f"Invalid scale (alpha): {g['scale']} (must be a number > 0)")
+            if g["proj_type"] != "std":
+                raise ValueError(f"Unsupported proj_type: {g['proj_type']!r}. This implementation has only "
+                                 "'std' (project on the smaller side of each matrix); use proj_type='std'")
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]  # torch has now turned (name, tensor) pairs into params + param_names
+        if "rank" in group:
+            for i, p in enumerate(group["params"]):
+                if p.dim() != 2:
+                    raise ValueError(f"GaLore projects 2-D matrices only, but parameter {_name(group, i)} has "
+                                     f"shape {tuple(p.shape)}: put it in a param group without 'rank'")
+
+    # -- the optimizer-level step counter is part of the state, so a resumed run keeps its schedule --------
+    def state_dict(self):
+        state_dict = super().state_dict()
+        state_dict["steps_taken"] = self.steps_taken
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.steps_taken = state_dict.pop("steps_taken", 0)
+        super().load_state_dict(state_dict)
+
+    # -- projection: one rule from the shape ---------------------------------------------------------------
+    @staticmethod
+    def _projector(G, rank):
+        """Top-`rank` singular vectors of G (m x n): P (r x n) if m >= n, else P (m x r)."""
+        # SVD in fp32 whatever the parameter dtype: bf16 SVD is not supported and would be too coarse anyway.
+        U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)  # U (m, k), Vh (k, n), k = min(m, n)
+        P = Vh[:rank, :] if G.shape[0] >= G.shape[1] else U[:, :rank]
+        P = P.to(G.dtype).contiguous()
+        # Under data parallelism every rank holds the same all-reduced G, but an SVD is free to flip the sign of
+        # a singular vector, and different ranks could pick differently. Rank 0's P is the one everybody uses.
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(P, src=0)
+        return P
+
+    @staticmethod
+    def project(G, P):
+        # right: (m, n) @ (n, r) -> R (m, r);  left: (r, m) @ (m, n) -> R (r, n)
+        return G @ P.T if G.shape[0] >= G.shape[1] else P.T @ G
+
+    @staticmethod
+    def project_back(N, P, shape):
+        # right: (m, r) @ (r, n) -> (m, n);   left: (m, r) @ (r, n) -> (m, n)
+        return N @ P if shape[0] >= shape[1] else P @ N
+
+    def is_projected(self, p, group):
+        """Whether p is trained in a low-rank subspace at the current step (not during warmup, not if r >= min(m,n))."""
+        return ("rank" in group and self.steps_taken >= self.proj_start_steps
+                and group["rank"] < min(p.shape))
+
+    # -- the update ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                if p.grad is not None:
+                    self._update(p, group, i)
+        # Parameters whose grad is None are skipped, like torch.optim.AdamW. This is also what makes per-layer
+        # updates work: a backward hook calls step_param(p) and frees p.grad, and step() then only counts.
+        self.steps_taken += 1
+        return loss
+
+    @torch.no_grad()
+    def step_param(self, p):
+        """Update one parameter now, with the schedule of the step in progress (for per-layer updates from a
+        backward hook; call step() once after backward to advance the counter)."""
+        for group in self.param_groups:
+            for i, q in enumerate(group["params"]):
+                if q is p:
+                    return self._update(p, group, i)
+        raise KeyError("step_param: this tensor is not a parameter of the optimizer")
+
+    def _update(self, p, group, i):
+        G = p.grad  # (m, n) for a matrix; any shape for an unprojected parameter
+        if G.is_sparse:
+            raise RuntimeError(f"GaLoreAdamW does not support sparse gradients (parameter {_name(group, i)}); "
+                               "use dense gradients, e.g. nn.Embedding(sparse=False)")
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state = self.state[p]
+
+        alpha = 1.0
+        if self.is_projected(p, group):
+            s = self.steps_taken - self.proj_start_steps  # steps since the switch to low rank
+            first = "P" not in state  # the switch (or this matrix missed it: it had no gradient then)
+            if first or s % group["update_proj_gap"] == 0:
+                state["P"] = self._projector(G, group["rank"])  # (r, n) or (m, r)
+                if first or self.reset_on_update:
+                    # Zeroing the moments alone would not do: Adam divides by (1 - beta^k) to undo their
+                    # zero start, and with k still large that correction is ~1. The first update would then
+                    # be (1-beta1) R / sqrt((1-beta2) R^2) = 0.1 / 0.032 ~ 3.2x the size of a normal Adam
+                    # step. Restarting k at 0 makes the first step after a reset an ordinary first Adam step.
+                    # At the switch this also frees the full-rank (m, n) moments of the warmup.
+                    for key in ("exp_avg", "exp_avg_sq", "step"):
+                        state.pop(key, None)
+            G = self.project(G, state["P"])  # R: (m, r) or (r, n)
+            alpha = group["scale"]
+
+        if "step" not in state:
+            state["step"] = 0                                                   # k, the moments' age
+            state["exp_avg"] = torch.zeros_like(G, memory_format=torch.preserve_format)     # M, shape of R
+            state["exp_avg_sq"] = torch.zeros_like(G, memory_format=torch.preserve_format)  # V, shape of R
+        M, V = state["exp_avg"], state["exp_avg_sq"]
+        state["step"] += 1
+        k = state["step"]
+
+        M.lerp_(G, 1 - beta1)                                  # M = beta1 M + (1 - beta1) R
+        V.mul_(beta2).addcmul_(G, G, value=1 - beta2)          # V = beta2 V + (1 - beta2) R^2
+        bias_correction1 = 1 - beta1 ** k
+        bias_correction2 = 1 - beta2 ** k
+        denom = (V.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(V_hat) + eps
+
+        p.mul_(1 - lr * wd)                                    # decoupled weight decay on the full W
+        if "P" in state:
+            N = M / denom / bias_correction1                   # normalized update in r-space
+            p.add_(self.project_back(N, state["P"], p.shape), alpha=-lr * alpha)
+        else:
+            p.addcdiv_(M, denom, value=-lr / bias_correction1)  # plain AdamW, the same numbers as torch's
+
+
+def _name(group, i):
+    names = group.get("param_names")
+    return repr(names[i]) if names else f"#{i} of its param group"
+
+
+def galore_param_groups(model, rank, update_proj_gap=200, scale=0.25,
+                        targets=("attn", "attention", "mlp", "feed_forward"), verbose=True):
+    """Param groups in the official format: the 2-D weights of nn.Linear layers whose module name contains
+    one of `targets` (attention and MLP matrices) are projected; everything else (embeddings, a tied or untied
+    output head, norms, biases) is plain AdamW. Parameters carry their names, so errors can name them."""
+    projected, projected_ids = [], set()
+    for mod_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and any(t in mod_name for t in targets):
+            projected.append((f"{mod_name}.weight", module.weight))
+            projected_ids.add(id(module.weight))
+    # named_parameters() lists a tied weight once, under its first name.
+    other = [(n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in projected_ids]
+    if verbose:
+        count = lambda ps: sum(p.numel() for _, p in ps)
+        print(f"GaLore: {len(projected)} matrices ({count(projected):,} params) projected at rank {rank}, "
+              f"{len(other)} tensors ({count(other):,} params) trained full-rank with AdamW")
+    return [{"params": other},
+            {"params": projected, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
+             "proj_type": "std"}]
+
+
+def optimizer_state_bytes(optimizer):
+    """Bytes held in the optimizer state: moments M and V plus projectors P (what GaLore saves memory on)."""
+    return sum(t.numel() * t.element_size()
+               for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))

@@ -1,0 +1,175 @@
+"""
+A Llama written out in one file (torch only): RMSNorm, rotary position embeddings (RoPE), SwiGLU MLP,
+causal self-attention with F.scaled_dot_product_attention.
+
+    from llama import Llama, LlamaConfig, PRESETS
+    model = Llama(LlamaConfig(**PRESETS["125M"]))
+    logits, loss = model(idx, targets)        # idx, targets: (B, seq_len) int64
+
+Sizes are those of the GaLore paper's Llama runs (arXiv 2403.03507, Table 9) with the GPT-2 vocabulary
+(50257 tokens, padded to 50304, a multiple of 64, for faster matmuls). The input embedding and the output head
+share one matrix (tied), which keeps the parameter counts near the presets' names with this large vocabulary:
+60M -> 51M, 125M -> 124M, 350M -> 354M, 1B -> 1.31B (untied would be 77M, 162M, 405M, 1.41B).
+References: Touvron et al. 2023 (Llama), Su et al. 2021 (RoPE), Shazeer 2020 (SwiGLU); nanoGPT's model.py.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 50304      # GPT-2's 50257 padded up to a multiple of 64
+    dim: int = 768               # model width C
+    n_layers: int = 12
+    n_heads: int = 12            # head size = dim // n_heads
+    hidden_dim: int = 2048       # SwiGLU inner width (the paper's presets)
+    block_size: int = 1024       # longest sequence the RoPE tables cover
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+
+
+PRESETS = {
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=176, block_size=256),  # for CPU tests
+    "60M": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1376),
+    "125M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048),
+    "350M": dict(dim=1024, n_layers=24, n_heads=16, hidden_dim=2736),
+    "1B": dict(dim=2048, n_layers=24, n_heads=32, hidden_dim=5461),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # In fp32 whatever the input dtype: the mean of squares loses too much in bf16.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim, seq_len, theta):
+    """cos, sin of the rotation angles, each (seq_len, head_dim // 2): position t, pair i -> t * theta^(-2i/hd)."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (hd/2,)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)                # (seq_len, hd/2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, seq_len, n_heads, hd) pairwise. Pairing convention: interleaved, as in Meta's Llama code,
+    i.e. (x[2i], x[2i+1]) is the complex number x[2i] + j x[2i+1], multiplied by exp(j * angle_i)."""
+    seq_len = x.shape[1]
+    cos, sin = cos[:seq_len, None, :], sin[:seq_len, None, :]  # (seq_len, 1, hd/2), broadcast over heads
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]                       # real and imaginary parts, (B, T, nh, hd/2)
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, T, nh, hd/2, 2)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.dim // cfg.n_heads
+        # Four separate matrices (not one fused qkv) so that each gets its own GaLore subspace.
+        self.wq = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, hd)
+        k = self.wk(x).view(B, T, self.n_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))         # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))       # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))          # SwiGLU: (B, T, C) -> (B, T, H) -> (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.attn_norm(x), cos, sin)  # pre-norm residual blocks
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.dim % cfg.n_heads == 0 and (cfg.dim // cfg.n_heads) % 2 == 0, "head size must be even for RoPE"
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output.weight = self.tok_emb.weight  # tied: one (vocab, dim) matrix, trained full-rank by GaLore
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, cfg.block_size, cfg.rope_theta)
+        # Not saved in checkpoints (derived from the config). They stay fp32 even if the weights are cast
+        # to bf16 parameter by parameter (train.py --param_dtype bf16).
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        # Init as GPT-2/nanoGPT: N(0, 0.02), and the matrices that write into the residual stream (wo, w2)
+        # scaled by 1/sqrt(2 n_layers) so the residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                std = 0.02 / math.sqrt(2 * cfg.n_layers) if name.endswith(("wo.weight", "w2.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied matrix counts once
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        x = self.tok_emb(idx)                                   # (B, T, C)
+        for block in self.layers:
+            if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # Keep only the block's input; its activations are recomputed during backward.
+                x = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x = block(x, self.rope_cos, self.rope_sin)
+        logits = self.output(self.norm(x))                      # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        """Sample max_new_tokens after idx (B, T); no KV cache, so each token re-reads the whole context."""
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            logits = logits[:, -1, :].float() / max(temperature, 1e-6)  # (B, vocab)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, nxt), dim=1)
+        return idx

@@ -1,0 +1,347 @@
+"""
+Tests: GaLoreAdamW against the maths and against torch.optim.AdamW, the Llama against references, and the
+data pipeline and train.py end to end on CPU. Run: python -m pytest -q
+"""
+
+import io
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
+from llama import PRESETS, Llama, LlamaConfig, apply_rope, rope_tables
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def make_params(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+
+
+def set_grads(params, step, seed=100):
+    # Fresh but reproducible gradients for each step.
+    g = torch.Generator().manual_seed(seed + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+class RecordingGaLore(GaLoreAdamW):
+    """GaLoreAdamW that records (steps_taken, shape) at every projector computation."""
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.refreshes = []
+
+    def _projector(self, G, rank):
+        self.refreshes.append((self.steps_taken, tuple(G.shape)))
+        return GaLoreAdamW._projector(G, rank)
+
+
+# ------------------------------------------------------------------------------- equality with AdamW
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_no_rank_group_matches_torch_adamw(weight_decay):
+    shapes = [(8, 5), (5,), (3, 4, 2)]
+    ours, ref = make_params(shapes), make_params(shapes)
+    opt = GaLoreAdamW(ours, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=weight_decay)
+    for step in range(20):
+        for o in (opt, opt_ref):  # an LR schedule: group['lr'] must be read at every step
+            o.param_groups[0]["lr"] = 1e-2 * (1 - step / 20)
+        set_grads(ours, step), set_grads(ref, step)
+        opt.step(), opt_ref.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q)
+    assert not torch.equal(ours[0], make_params(shapes)[0])  # it did train
+
+
+def test_full_rank_warmup_matches_adamw_then_switches_to_low_rank():
+    shapes = [(16, 12), (12, 16)]
+    ours, ref = make_params(shapes), make_params(shapes)
+    opt = GaLoreAdamW([{"params": ours, "rank": 4, "update_proj_gap": 3}], lr=1e-2, weight_decay=0.05,
+                      proj_start_steps=5)
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05)
+    for step in range(5):
+        set_grads(ours, step), set_grads(ref, step)
+        opt.step(), opt_ref.step()
+        for p, q in zip(ours, ref):
+            torch.testing.assert_close(p, q)
+        assert opt.state[ours[0]]["exp_avg"].shape == (16, 12)  # full-rank moments during warmup
+    full_bytes = optimizer_state_bytes(opt)
+    set_grads(ours, 5)
+    opt.step()  # the switch: full-rank moments freed, low-rank ones (and P) created
+    assert opt.state[ours[0]]["exp_avg"].shape == (16, 4) and opt.state[ours[1]]["exp_avg"].shape == (4, 16)
+    assert optimizer_state_bytes(opt) == 4 * (2 * (16 * 4 + 4 * 16) + 12 * 4 + 12 * 4)  # M, V and P
+    assert optimizer_state_bytes(opt) < full_bytes
+
+
+def test_rank_not_below_min_dim_trains_full_rank_like_adamw():
+    shapes = [(4, 6), (6, 4)]
+    ours, ref = make_params(shapes), make_params(shapes)
+    opt = GaLoreAdamW([{"params": ours, "rank": 4}], lr=1e-2)  # rank 4 >= min(4, 6): no compression possible
+    opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.0)
+    for step in range(10):
+        set_grads(ours, step), set_grads(ref, step)
+        opt.step(), opt_ref.step()
+    for p, q in zip(ours, ref):
+        torch.testing.assert_close(p, q)
+        assert "P" not in opt.state[p]
+
+
+# ------------------------------------------------------------------------------------ the projection
+@pytest.mark.parametrize("shape, p_shape, r_shape", [((20, 12), (3, 12), (20, 3)),   # m >= n: right
+                                                      ((12, 12), (3, 12), (12, 3)),   # square: right
+                                                      ((12, 20), (12, 3), (3, 20))])  # m < n: left
+def test_projection_side_and_orthonormal_P(shape, p_shape, r_shape):
+    (W,) = make_params([shape])
+    opt = GaLoreAdamW([{"params": [W], "rank": 3}], lr=1e-3)
+    set_grads([W], 0)
+    G = W.grad.clone()
+    opt.step()
+    P, M = opt.state[W]["P"], opt.state[W]["exp_avg"]
+    assert P.shape == p_shape and M.shape == r_shape
+    PtP = P @ P.T if P.shape[0] == 3 else P.T @ P  # the r x r Gram matrix of P's orthonormal vectors
+    torch.testing.assert_close(PtP, torch.eye(3), atol=1e-5, rtol=0)
+    # P spans G's top singular directions: R keeps exactly G's top-3 singular values.
+    R = GaLoreAdamW.project(G, P)
+    torch.testing.assert_close(torch.linalg.svdvals(R), torch.linalg.svdvals(G)[:3], atol=1e-4, rtol=1e-4)
+    # First Adam step from zero moments: M = (1 - beta1) R.
+    torch.testing.assert_close(M, 0.1 * R)
+
+
+def test_update_is_alpha_times_projected_back_adam_step():
+    (W,) = make_params([(10, 6)])
+    W0 = W.detach().clone()
+    opt = GaLoreAdamW([{"params": [W], "rank": 2, "scale": 0.5}], lr=0.1, eps=0.0, weight_decay=0.0)
+    set_grads([W], 0)
+    opt.step()
+    P = opt.state[W]["P"]
+    R = W.grad @ P.T                    # (10, 2)
+    N = R / R.abs()                     # first Adam step with eps=0 is sign(R)
+    torch.testing.assert_close(W, W0 - 0.1 * 0.5 * (N @ P))
+
+
+# -------------------------------------------------------------------------------------- the schedule
+def test_refresh_on_scheduled_steps_for_all_matrices_at_once():
+    params = make_params([(16, 8), (8, 16), (12, 12)])
+    opt = RecordingGaLore([{"params": params, "rank": 2, "update_proj_gap": 3}], lr=1e-3, proj_start_steps=2)
+    for step in range(12):
+        set_grads(params, step)
+        opt.step()
+    steps = sorted({s for s, _ in opt.refreshes})
+    assert steps == [2, 5, 8, 11]                       # proj_start_steps, then every T
+    for s in steps:                                     # every matrix refreshed on each of those steps
+        assert sorted(shape for t, shape in opt.refreshes if t == s) == [(8, 16), (12, 12), (16, 8)]
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_moments_after_refresh(reset):
+    (W,) = make_params([(12, 8)])
+    opt = GaLoreAdamW([{"params": [W], "rank": 2, "update_proj_gap": 4}], lr=1e-2, eps=0.0,
+                      reset_on_update=reset)
+    for step in range(4):
+        set_grads([W], step)
+        opt.step()
+    M_before = opt.state[W]["exp_avg"].clone()
+    assert opt.state[W]["step"] == 4
+    set_grads([W], 4)
+    W_before = W.detach().clone()
+    opt.step()                               # s = 4: a refresh
+    R = W.grad @ opt.state[W]["P"].T         # the new subspace's projected gradient
+    if reset:
+        # Moments restarted from zero in the new subspace, bias correction restarted: k = 1.
+        assert opt.state[W]["step"] == 1
+        torch.testing.assert_close(opt.state[W]["exp_avg"], 0.1 * R)
+        torch.testing.assert_close(opt.state[W]["exp_avg_sq"], 0.001 * R * R)
+        # The first step after a reset is an ordinary first Adam step: |N| = 1 elementwise (eps = 0).
+        N = (W - W_before) @ opt.state[W]["P"].T / (-1e-2 * 0.25)
+        torch.testing.assert_close(N.abs(), torch.ones_like(N), atol=1e-4, rtol=1e-4)
+    else:
+        # Kept (official behaviour): M carried over and the age keeps counting.
+        assert opt.state[W]["step"] == 5
+        torch.testing.assert_close(opt.state[W]["exp_avg"], 0.9 * M_before + 0.1 * R)
+
+
+# ------------------------------------------------------------------------------------ checkpointing
+def _train(model, opt, steps, start=0):
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(64, 12, generator=g)
+    Y = torch.randn(64, 10, generator=g)
+    for step in range(start, start + steps):
+        for group in opt.param_groups:
+            group["lr"] = 1e-2 * (0.95 ** step)
+        loss = ((model(X) - Y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 10))
+
+
+def _galore(model):
+    weights = [model[0].weight, model[2].weight]
+    others = [model[0].bias, model[2].bias]
+    return GaLoreAdamW([{"params": others}, {"params": weights, "rank": 3, "update_proj_gap": 3}],
+                       lr=1e-2, weight_decay=0.01, proj_start_steps=2)
+
+
+def test_state_dict_weights_only_round_trip_continues_bit_identically():
+    model_a = _mlp()
+    opt_a = _galore(model_a)
+    _train(model_a, opt_a, 10)  # uninterrupted: crosses the switch (2) and refreshes (5, 8)
+
+    model_b = _mlp()
+    opt_b = _galore(model_b)
+    _train(model_b, opt_b, 6)
+    buf = io.BytesIO()
+    torch.save({"model": model_b.state_dict(), "opt": opt_b.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)  # only tensors, ints, floats, strings: no pickled objects
+    model_c = _mlp()
+    opt_c = _galore(model_c)
+    model_c.load_state_dict(ckpt["model"])
+    opt_c.load_state_dict(ckpt["opt"])
+    assert opt_c.steps_taken == 6
+    _train(model_c, opt_c, 4, start=6)
+    for p, q in zip(model_a.parameters(), model_c.parameters()):
+        assert torch.equal(p, q)
+
+
+# ----------------------------------------------------------------------------------- memory accounting
+def test_state_bytes_125M_rank128_equal_hand_count():
+    # Hand count (fp32, 4 bytes a number), 125M preset: C = 768, H = 2048, 12 layers, vocab 50304, tied.
+    # Per layer, rank r = 128:
+    #   wq, wk, wv, wo (768 x 768, m >= n, right): P r x 768, M and V 768 x r -> 3 * 768 * 128 = 294,912 each
+    #   w1, w3 (2048 x 768, right): P r x 768 = 98,304; M, V 2048 x r = 262,144 each   -> 622,592 each
+    #   w2 (768 x 2048, left):      P 768 x r = 98,304; M, V r x 2048 = 262,144 each   -> 622,592
+    #   = 4 * 294,912 + 3 * 622,592 = 3,047,424 numbers; x 12 layers = 36,569,088
+    # Full-rank AdamW (M and V) on the rest: embedding 50304 x 768 = 38,633,472 and 25 RMSNorm
+    # weights of 768 = 19,200 -> 2 * 38,652,672 = 77,305,344
+    # Total 113,874,432 numbers = 455,497,728 bytes; AdamW would hold 2 * 123,587,328 * 4 = 988,698,624 bytes.
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**PRESETS["125M"]))
+    assert model.num_params() == 123_587_328
+    opt = GaLoreAdamW(galore_param_groups(model, rank=128, verbose=False), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) if p.dim() == 2 else torch.ones_like(p)
+    opt.step()
+    assert optimizer_state_bytes(opt) == 455_497_728
+    assert optimizer_state_bytes(opt) / 988_698_624 < 0.5
+
+
+# ------------------------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=-1.0), "Invalid learning rate: -1.0"),
+    (dict(lr=float("nan")), "Invalid learning rate: nan"),
+    (dict(betas=(1.0, 0.999)), "Invalid beta parameter at index 0: 1.0"),
+    (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
+    (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
+    (dict(proj_start_steps=-1), "Invalid proj_start_steps: -1"),
+])
+def test_bad_hyperparameters_are_named(kwargs, match):
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        GaLoreAdamW(make_params([(4, 4)]), **kwargs)
+
+
+@pytest.mark.parametrize("group, match", [
+    (dict(rank=0), "Invalid rank: 0"),
+    (dict(rank=-3), "Invalid rank: -3"),
+    (dict(rank=2, update_proj_gap=0), "Invalid update_proj_gap: 0"),
+    (dict(rank=2, proj_type="random"), "Unsupported proj_type: 'random'.*use proj_type='std'"),
+])
+def test_bad_galore_groups_are_named(group, match):
+    with pytest.raises(ValueError, match=match):
+        GaLoreAdamW([{"params": make_params([(4, 4)]), **group}])
+
+
+def test_projected_param_must_be_2d_and_is_named():
+    with pytest.raises(ValueError, match="parameter 'norm.weight' has shape \\(8,\\).*without 'rank'"):
+        GaLoreAdamW([{"params": [("norm.weight", nn.Parameter(torch.ones(8)))], "rank": 2}])
+
+
+def test_sparse_gradient_is_refused_with_the_parameter_name():
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = GaLoreAdamW([{"params": list(emb.named_parameters())}])
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients \\(parameter 'weight'\\)"):
+        opt.step()
+
+
+# --------------------------------------------------------------------------------- it actually learns
+def test_galore_solves_least_squares():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 48, generator=g)
+    W_true = torch.randn(32, 48, generator=g) / 7
+    Y = X @ W_true.T
+    W = nn.Parameter(torch.zeros(32, 48))
+    opt = GaLoreAdamW([{"params": [W], "rank": 4, "update_proj_gap": 25, "scale": 1.0}], lr=0.02)
+    losses = []
+    for _ in range(400):
+        loss = ((X @ W.T - Y) ** 2).mean()
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    # A rank-4 subspace at a time, yet W (rank 32) is learned: the refreshes open new directions.
+    assert losses[-1] < 0.02 * losses[0]
+    assert torch.linalg.matrix_rank(W.detach()) > 4
+
+
+def test_param_groups_helper_projects_attention_and_mlp_matrices_only(capsys):
+    model = Llama(LlamaConfig(**PRESETS["tiny"]))
+    groups = galore_param_groups(model, rank=8)
+    assert "14 matrices" in capsys.readouterr().out  # 2 layers x (wq wk wv wo w1 w2 w3)
+    opt = GaLoreAdamW(groups)
+    names = opt.param_groups[1]["param_names"]
+    assert len(names) == 14 and all(".attn.w" in n or ".mlp.w" in n for n in names)
+    others = opt.param_groups[0]["param_names"]
+    assert "tok_emb.weight" in others and "norm.weight" in others and not any("output" in n for n in others)
+
+
+# ------------------------------------------------------------------------------------------ the model
+def test_causality_future_tokens_do_not_change_past_logits():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**PRESETS["tiny"])).eval()
+    idx = torch.randint(0, 50257, (2, 16))
+    idx2 = idx.clone()
+    idx2[:, 10:] = torch.randint(0, 50257, (2, 6))
+    logits, _ = model(idx)
+    logits2, _ = model(idx2)
+    torch.testing.assert_close(logits[:, :10], logits2[:, :10])
+    assert not torch.allclose(logits[:, 10:], logits2[:, 10:])
+
+
+def test_rope_matches_complex_reference():
+    B, T, nh, hd = 2, 9, 3, 8
+    x = torch.randn(B, T, nh, hd)
+    cos, sin = rope_tables(hd, 16, theta=10000.0)
+    # Reference: pairs as complex numbers times e^(i t theta^(-2k/hd)), as in Meta's original code.
+    freqs = 10000.0 ** (-torch.arange(0, hd, 2).double() / hd)
+    rot = torch.polar(torch.ones(T, hd // 2, dtype=torch.float64), torch.outer(torch.arange(T).double(), freqs))
+    xc = torch.view_as_complex(x.double().reshape(B, T, nh, hd // 2, 2))
+    ref = torch.view_as_real(xc * rot[None, :, None, :]).reshape(B, T, nh, hd).float()
+    torch.testing.assert_close(apply_rope(x, cos, sin), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_initial_loss_is_about_ln_vocab():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**PRESETS["tiny"]))
+    idx, targets = torch.randint(0, 50257, (2, 4, 64))  # independent targets (not idx: tied weights favour it)
+    _, loss = model(idx, targets)
+    assert abs(loss.item() - math.log(50304)) < 0.3
+
+
+@pytest.mark.parametrize("size, expected", [("60M", 51_061_248), ("125M", 123_587_328),
+                                            ("350M", 353_944_576), ("1B", 1_311_033_344)])
+def test_preset_parameter_counts(size, expected):
+    cfg = LlamaConfig(**PRESETS[size])
+    with torch.device("meta"):  # shapes only, no memory
+        model = Llama(cfg)
+    C, H, L, V = cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.vocab_size
+    assert model.num_params() == L * (4 * C * C + 3 * C * H + 2 * C) + V * C + C == expected
+    nominal = {"60M": 60e6, "125M": 125e6, "350M": 350e6, "1B": 1e9}[size]
+    assert abs(expected - nominal) / nominal < 0.35
