@@ -345,3 +345,161 @@ def test_preset_parameter_counts(size, expected):
     assert model.num_params() == L * (4 * C * C + 3 * C * H + 2 * C) + V * C + C == expected
     nominal = {"60M": 60e6, "125M": 125e6, "350M": 350e6, "1B": 1e9}[size]
     assert abs(expected - nominal) / nominal < 0.35
+
+
+# ------------------------------------------------------------------------------- data.py and train.py
+import json
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+
+from data import DataError, check_fits, get_batch, wikitext_documents
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_cache = os.path.join(HERE, "..", "shared", "tiktoken-cache")  # offline copy of tiktoken's GPT-2 files
+if os.path.isdir(_cache):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", _cache)
+TINY = ["--size", "tiny", "--device", "cpu", "--batch_size", "4", "--block_size", "32", "--eval_iters", "2",
+        "--log_interval", "5", "--sample_tokens", "8"]
+
+
+def run(script, *args, check=True):
+    p = subprocess.run([sys.executable, os.path.join(HERE, script), *args], capture_output=True, text=True,
+                       timeout=300)
+    if check:
+        assert p.returncode == 0, p.stdout + p.stderr
+    return p
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~70k GPT-2 tokens of simple English with learnable structure, built by data.py --input."""
+    tmp = tmp_path_factory.mktemp("corpus")
+    rnd = random.Random(0)
+    subjects, verbs, objects = ["the cat", "a dog", "my bird", "the old man"], ["sat on", "ran to", "looked at"], \
+        ["the mat", "a tree", "the red house", "the river"]
+    text = "\n".join(f"{rnd.choice(subjects).capitalize()} {rnd.choice(verbs)} {rnd.choice(objects)} "
+                     f"and then {rnd.choice(verbs)} {rnd.choice(objects)}." for _ in range(6000))
+    (tmp / "story.txt").write_text(text)
+    data_dir = str(tmp / "data")
+    out = run("data.py", "--input", str(tmp / "story.txt"), "--data_dir", data_dir).stdout
+    assert "wrote" in out
+    return tmp, data_dir
+
+
+def test_data_files_meta_and_idempotence(corpus):
+    tmp, data_dir = corpus
+    meta = json.load(open(os.path.join(data_dir, "meta.json")))
+    for s in ("train", "val", "test"):
+        toks = np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=np.uint16, mode="r")
+        assert len(toks) == meta[f"{s}_tokens"] > 1000
+    assert meta["train_tokens"] > 15 * meta["val_tokens"] and meta["eot"] == 50256
+    assert not list(tmp.glob("data/*.tmp"))                # nothing half-written left behind
+    before = os.path.getmtime(os.path.join(data_dir, "train.bin"))
+    assert "nothing to do" in run("data.py", "--input", str(tmp / "story.txt"), "--data_dir", data_dir).stdout
+    assert os.path.getmtime(os.path.join(data_dir, "train.bin")) == before
+
+
+def test_data_bad_inputs(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "blob.bin").write_bytes(b"\x89PNG\x00\x01\x02")
+    for name, msg in (("empty.txt", "no text found"), ("blob.bin", "looks binary")):
+        p = run("data.py", "--input", str(tmp_path / name), "--data_dir", str(tmp_path / "d"), check=False)
+        assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr
+        assert not (tmp_path / "d" / "meta.json").exists()
+
+    class BigTokenizer:
+        name, max_token_value = "cl100k_base", 100276
+    with pytest.raises(DataError, match="ids up to 100276, which do not fit uint16"):
+        check_fits(BigTokenizer())
+
+
+def test_wikitext_lines_are_rejoined_into_articles():
+    lines = [" = Valkyria = \n", " text one \n", " = = Plot = = \n", " more \n", " = Tower = \n", " two \n"]
+    assert wikitext_documents(lines) == [" = Valkyria = \n text one \n = = Plot = = \n more \n",
+                                         " = Tower = \n two \n"]
+
+
+def test_get_batch_is_seeded_shifted_and_split_by_rank(corpus):
+    _, data_dir = corpus
+    x, y = get_batch(data_dir, "train", 4, 16, generator=torch.Generator().manual_seed(0))
+    x2, _ = get_batch(data_dir, "train", 4, 16, generator=torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (4, 16) and x.dtype == torch.int64 and torch.equal(x, x2)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    # Two ranks of a global batch of 8 read exactly the rows a single process with batch 8 reads.
+    full, _ = get_batch(data_dir, "train", 8, 16, generator=torch.Generator().manual_seed(0))
+    r0, _ = get_batch(data_dir, "train", 4, 16, generator=torch.Generator().manual_seed(0), rank=0, world_size=2)
+    r1, _ = get_batch(data_dir, "train", 4, 16, generator=torch.Generator().manual_seed(0), rank=1, world_size=2)
+    assert torch.equal(torch.cat([r0, r1]), full)
+
+
+def read_log(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+
+
+@pytest.mark.parametrize("optimizer", ["galore", "adamw"])
+def test_train_end_to_end_loss_goes_down(corpus, tmp_path, optimizer):
+    _, data_dir = corpus
+    out_dir = str(tmp_path / "out")
+    p = run("train.py", *TINY, "--optimizer", optimizer, "--steps", "40", "--eval_interval", "20",
+            "--update_proj_gap", "10", "--lr", "0.01" if optimizer == "galore" else "0.003",
+            "--data_dir", data_dir, "--out_dir", out_dir)
+    val = [r["val_loss"] for r in read_log(out_dir) if "val_loss" in r]
+    assert len(val) == 3 and val[-1] < val[0] - 4.0  # from ln(50304) = 10.8 to the toy corpus' few bits
+    assert "done: tiny" in p.stdout and "perplexity" in p.stdout and "sample:" in p.stdout
+    assert os.path.getsize(os.path.join(out_dir, "loss.png")) > 1000
+    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 40 and ckpt["config"]["dim"] == 64
+
+
+def test_ctrl_c_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path):
+    _, data_dir = corpus
+    common = [*TINY, "--steps", "30", "--eval_interval", "10", "--update_proj_gap", "7", "--proj_start_steps",
+              "3", "--data_dir", data_dir]
+    run("train.py", *common, "--out_dir", str(tmp_path / "a"))
+    # Interrupt a second run with a real SIGINT after step 10 (it stops at the next step boundary), resume it.
+    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--out_dir",
+                             str(tmp_path / "b")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 10/"):
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, "".join(lines)
+    stopped = [l for l in lines if l.startswith("interrupted: checkpoint saved at step")]
+    assert stopped and int(stopped[0].split()[5]) < 30
+    p = run("train.py", *common, "--out_dir", str(tmp_path / "b"), "--resume")
+    assert "resumed from" in p.stdout
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["step"] for r in read_log(tmp_path / "a")] == [r["step"] for r in read_log(tmp_path / "b")]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--size", "2B"], "invalid choice: '2B'"),
+    (["--rank", "64"], "--rank 64 must be between 1 and the model width 64"),
+    (["--lr", "-1"], "--lr -1.0 must be >= 0"),
+    (["--block_size", "5000"], "too few for --block_size 5000"),
+    (["--per_layer", "--grad_accum", "2"], "cannot accumulate gradients"),
+    (["--per_layer", "--grad_clip", "1.0"], "cannot clip their global norm"),
+    (["--resume"], "--resume: no checkpoint at"),
+])
+def test_train_bad_flags_one_line_error(corpus, tmp_path, flags, message):
+    _, data_dir = corpus
+    p = run("train.py", *TINY, "--steps", "5", "--data_dir", data_dir, "--out_dir", str(tmp_path / "o"), *flags,
+            check=False)
+    assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
+    _, data_dir = corpus
+    p = run("train.py", *TINY, "--optimizer", "adamw", "--steps", "30", "--eval_interval", "5", "--lr", "1e30",
+            "--warmup_steps", "0", "--data_dir", data_dir, "--out_dir", str(tmp_path), check=False)
+    assert p.returncode == 1 and "loss is nan" in p.stderr.lower() and "Traceback" not in p.stderr, p.stdout
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())

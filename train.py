@@ -1,0 +1,355 @@
+"""
+Train a Llama on WikiText-103 with GaLoreAdamW (or AdamW for comparison).
+
+    python train.py --size 125M                       # the main job (prepares the data first if needed)
+    python train.py --size 60M --optimizer adamw      # the full-rank baseline
+    python train.py --size tiny --input my.txt --device cpu --steps 200    # offline, on your own text
+    python train.py --size 125M --resume              # continue from out/ckpt.pt
+    torchrun --nproc_per_node 2 train.py --size 125M  # data parallel (DDP), one process per GPU
+
+Writes to --out_dir: ckpt.pt (atomic, at every eval and at the end), log.jsonl, loss.png.
+Ctrl-C saves a checkpoint and exits. Paper: arXiv 2403.03507.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from data import DataError, get_batch, get_encoding, is_complete, prepare
+from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
+from llama import PRESETS, Llama, LlamaConfig
+
+DEFAULT_RANK = {"tiny": 8, "60M": 128, "125M": 256, "350M": 256, "1B": 512}  # the paper's ranks per size
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--size", default="125M", choices=list(PRESETS), help="model preset (llama.py)")
+    a("--optimizer", default="galore", choices=["galore", "adamw"], help="GaLoreAdamW or torch.optim.AdamW")
+    a("--lr", type=float, default=None, help="peak learning rate (default: 0.01 galore, 0.001 adamw)")
+    a("--steps", type=int, default=5000, help="optimizer steps")
+    a("--batch_size", type=int, default=8, help="sequences per micro-batch (per process)")
+    a("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    a("--block_size", type=int, default=1024, help="tokens per sequence")
+    a("--rank", type=int, default=None, help="GaLore rank r (default: the paper's for the size)")
+    a("--update_proj_gap", type=int, default=200, help="GaLore T: steps between projector refreshes")
+    a("--proj_start_steps", type=int, default=0, help="full-rank AdamW steps before GaLore starts")
+    a("--galore_scale", type=float, default=0.25, help="GaLore alpha, scale of the projected update")
+    a("--no_reset", action="store_true", help="keep the moments at a refresh (official GaLore behaviour)")
+    a("--warmup_steps", type=int, default=None, help="linear LR warmup (default: 10%% of --steps)")
+    a("--min_lr", type=float, default=None, help="cosine decays to this (default: 10%% of --lr)")
+    a("--weight_decay", type=float, default=0.0, help="decoupled weight decay")
+    a("--grad_clip", type=float, default=None, help="clip the global grad norm (default 1.0; 0 = off)")
+    a("--eval_interval", type=int, default=500, help="evaluate and checkpoint every this many steps")
+    a("--eval_iters", type=int, default=20, help="validation batches per eval (a fixed slice)")
+    a("--log_interval", type=int, default=10, help="steps between log lines")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+      help="autocast dtype (auto: bfloat16 on CUDA, float32 elsewhere)")
+    a("--param_dtype", default="float32", choices=["float32", "bfloat16"],
+      help="dtype of weights, gradients and optimizer states")
+    a("--activation_checkpointing", action="store_true", help="recompute activations in backward")
+    a("--per_layer", action="store_true", help="update each weight inside backward (never all grads at once)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cuda:1")
+    a("--seed", type=int, default=1337)
+    a("--data_dir", default="data/wikitext103", help="folder of train.bin/val.bin/test.bin/meta.json")
+    a("--input", nargs="+", metavar="FILE", help="build the data from these text files instead of WikiText")
+    a("--out_dir", default="out", help="checkpoint, log and plot go here")
+    a("--resume", action="store_true", help="continue from --out_dir/ckpt.pt")
+    a("--sample_tokens", type=int, default=64, help="tokens to generate at the end")
+    args = p.parse_args(argv)
+    args.lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "galore" else 1e-3)
+    args.rank = args.rank if args.rank is not None else DEFAULT_RANK[args.size]
+    args.warmup_steps = args.warmup_steps if args.warmup_steps is not None else args.steps // 10
+    args.min_lr = args.min_lr if args.min_lr is not None else 0.1 * args.lr
+    if args.grad_clip is None:
+        args.grad_clip = 0.0 if args.per_layer else 1.0
+    return args
+
+
+def check_args(args, cfg, world_size):
+    """Mistakes a user can make, as one line each (the optimizer checks its own hyperparameters too)."""
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "galore_scale"):
+        v = getattr(args, name)
+        if not v >= 0:  # also catches NaN
+            return f"--{name} {v} must be >= 0"
+    for name in ("steps", "batch_size", "grad_accum", "block_size", "update_proj_gap", "eval_interval",
+                 "eval_iters", "log_interval"):
+        if getattr(args, name) <= 0:
+            return f"--{name} {getattr(args, name)} must be > 0"
+    if args.optimizer == "galore" and not 0 < args.rank < cfg.dim:
+        return (f"--rank {args.rank} must be between 1 and the model width {cfg.dim} ({args.size}) minus 1; "
+                f"try --rank {DEFAULT_RANK[args.size]}")
+    if args.per_layer and args.grad_accum > 1:
+        return "--per_layer updates weights inside backward, so it cannot accumulate gradients: use --grad_accum 1"
+    if args.per_layer and args.grad_clip > 0:
+        return ("--per_layer never holds all gradients at once, so it cannot clip their global norm: "
+                "drop --grad_clip or use --grad_clip 0")
+    if args.per_layer and world_size > 1:
+        return "--per_layer is not supported with DDP (torchrun): run it on one process, or drop --per_layer"
+    return None
+
+
+def get_lr(it, args):
+    """Linear warmup to args.lr over warmup_steps, then cosine decay to min_lr at args.steps."""
+    if it < args.warmup_steps:
+        return args.lr * (it + 1) / args.warmup_steps
+    progress = min(1.0, (it - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
+    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+
+
+def build_optimizer(model, args):
+    if args.optimizer == "galore":
+        groups = galore_param_groups(model, args.rank, args.update_proj_gap, args.galore_scale)
+        return GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
+                           proj_start_steps=args.proj_start_steps, reset_on_update=not args.no_reset)
+    if args.per_layer:  # needs step_param(); GaLoreAdamW without 'rank' is AdamW to the last bit (tested)
+        return GaLoreAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+
+
+def attach_per_layer_updates(model, optimizer):
+    """Update each parameter as soon as its gradient is complete, then free that gradient: the full set of
+    gradients never exists at once. The LR was set for this step before backward, and optimizer.step() after
+    backward only advances the step counter (every grad is None by then), so schedules match a normal run."""
+    def hook(p):
+        optimizer.step_param(p)
+        p.grad = None
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+
+
+@torch.no_grad()
+def evaluate(model, data_dir, split, args, device, ctx, whole=False):
+    """Mean loss on a fixed slice of the split (the same batches every eval), or on all of it (whole=True)."""
+    model.eval()
+    losses = []
+    if whole:
+        import numpy as np
+        data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+        n = (len(data) - 1) // args.block_size  # non-overlapping windows covering the split
+        for i in range(0, n, args.batch_size):
+            rows = range(i, min(n, i + args.batch_size))
+            x = torch.stack([torch.from_numpy(data[r * args.block_size:(r + 1) * args.block_size].astype(np.int64))
+                             for r in rows]).to(device)
+            y = torch.stack([torch.from_numpy(data[r * args.block_size + 1:(r + 1) * args.block_size + 1]
+                                              .astype(np.int64)) for r in rows]).to(device)
+            with ctx:
+                losses.append((model(x, y)[1].item(), len(rows)))
+    else:
+        gen = torch.Generator().manual_seed(1234)
+        for _ in range(args.eval_iters):
+            x, y = get_batch(data_dir, split, args.batch_size, args.block_size, device, gen)
+            with ctx:
+                losses.append((model(x, y)[1].item(), 1))
+    model.train()
+    return sum(l * w for l, w in losses) / sum(w for _, w in losses)
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+
+
+def plot(log, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [(r["step"], r["loss"]) for r in log if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in log if "val_loss" in r]
+    mem = [(r["step"], r["peak_mem_gb"]) for r in log if r.get("peak_mem_gb")]
+    fig, axes = plt.subplots(1, 2 if mem else 1, figsize=(11 if mem else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for pts, label in ((train, "train"), (val, "val")):
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker="o" if label == "val" else None)
+    ax.set(xlabel="step", ylabel="loss", title="loss")
+    ax.legend()
+    if mem:
+        axes[0][1].plot(*zip(*mem))
+        axes[0][1].set(xlabel="step", ylabel="GB", title="peak GPU memory")
+    fig.tight_layout()
+    fig.savefig(path + ".tmp", format="png")
+    plt.close(fig)
+    os.replace(path + ".tmp", path)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp = "RANK" in os.environ  # launched by torchrun
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0
+    fail = lambda msg: sys.exit(f"train.py: error: {msg}")
+
+    cfg = LlamaConfig(**{**PRESETS[args.size], "block_size": args.block_size,
+                         "activation_checkpointing": args.activation_checkpointing})
+    ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(ckpt_path):
+            fail(f"--resume: no checkpoint at {ckpt_path}; start without --resume or set --out_dir")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt["config"] != asdict(cfg):
+            fail(f"--resume: {ckpt_path} holds a model of another shape ({ckpt['args']['size']}, block_size "
+                 f"{ckpt['config']['block_size']}); use the same --size/--block_size or another --out_dir")
+    if (msg := check_args(args, cfg, world_size)):
+        fail(msg)
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(args.device)
+    device_type = torch.device(args.device).type
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    ctx = (nullcontext() if args.dtype == "float32" or args.param_dtype == "bfloat16"
+           else torch.autocast(device_type, dtype=torch.bfloat16))
+
+    try:  # the data: prepared once (by rank 0 under DDP), then memmapped
+        if master and not is_complete(args.data_dir):
+            prepare(args.data_dir, args.input)
+        if ddp:
+            dist.barrier()
+        for split in ("train", "val"):  # fails early with a clear message if a batch cannot fit
+            get_batch(args.data_dir, split, 1, args.block_size)
+    except DataError as e:
+        fail(e)
+
+    torch.manual_seed(args.seed)
+    model = Llama(cfg)
+    if args.param_dtype == "bfloat16":
+        for p in model.parameters():  # parameters only: the RoPE tables stay fp32
+            p.data = p.data.to(torch.bfloat16)
+    model.to(args.device)
+    if master:
+        print(f"model {args.size}: {model.num_params():,} parameters, {cfg}")
+    optimizer = build_optimizer(model, args)
+    gen = torch.Generator().manual_seed(args.seed)  # batch sampling; the same stream on every DDP rank
+    start, log = 0, []
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["rng"]["batch"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        start, log = ckpt["step"], ckpt["log"]  # the log as it was when saved: later lines are dropped
+        if master:
+            print(f"resumed from {ckpt_path} at step {start}")
+    del ckpt
+    if args.per_layer:
+        attach_per_layer_updates(model, optimizer)
+    raw_model = model  # what is saved and evaluated: never the compiled or DDP-wrapped one
+    if args.compile:
+        model = torch.compile(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
+    interrupted = []
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))  # stop at the next step boundary
+
+    def checkpoint(step):
+        if master:
+            rng = {"batch": gen.get_state(), "torch": torch.get_rng_state()}
+            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "config": asdict(cfg), "args": vars(args), "step": step, "log": log, "rng": rng},
+                        ckpt_path)
+
+    def write_log(record):
+        log.append(record)
+        with open(os.path.join(args.out_dir, "log.jsonl"), "w") as f:  # rewritten whole: a resume drops
+            f.writelines(json.dumps(r) + "\n" for r in log)           # what came after its checkpoint
+
+    t0, dt_avg = time.time(), None
+    for it in range(start, args.steps + 1):
+        lr = get_lr(it, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stop = torch.tensor(float(bool(interrupted)), device=args.device)
+        if ddp:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+        if (it % args.eval_interval == 0 or it == args.steps) and master and not (it == start and args.resume):
+            val = evaluate(raw_model, args.data_dir, "val", args, args.device, ctx)
+            write_log({"step": it, "val_loss": val, "val_ppl": math.exp(val),
+                       "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None})
+            print(f"step {it}: val loss {val:.4f}, perplexity {math.exp(val):.1f}")
+            checkpoint(it)
+            plot(log, os.path.join(args.out_dir, "loss.png"))
+        if stop.item():
+            checkpoint(it)
+            if master:
+                print(f"interrupted: checkpoint saved at step {it} in {ckpt_path}; continue with --resume")
+            sys.exit(130)
+        if it == args.steps:
+            break
+
+        for micro in range(args.grad_accum):
+            if ddp:  # all-reduce the gradients on the last micro-step only
+                model.require_backward_grad_sync = micro == args.grad_accum - 1
+            x, y = get_batch(args.data_dir, "train", args.batch_size, args.block_size, args.device, gen,
+                             rank=rank, world_size=world_size)
+            with ctx:
+                _, loss = model(x, y)
+            (loss / args.grad_accum).backward()
+        lossf = loss.item()
+        if not math.isfinite(lossf):
+            if master:
+                print(f"train.py: error: loss is {lossf} at step {it}; stopping. The last good checkpoint is "
+                      f"kept in {ckpt_path}; try a lower --lr", file=sys.stderr)
+            sys.exit(1)
+        norm = None
+        if not args.per_layer:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0
+                                                  else float("inf")).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        dt_avg = dt if dt_avg is None or it == start + 1 else 0.9 * dt_avg + 0.1 * dt  # step `start` compiles
+        if (it + 1) % args.log_interval == 0 and master:
+            state_mb = optimizer_state_bytes(optimizer) / 1e6
+            peak = torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None
+            eta = (args.steps - it - 1) * dt_avg
+            write_log({"step": it + 1, "loss": lossf, "lr": lr, "grad_norm": norm,
+                       "tokens_per_s": tokens_per_step / dt, "opt_state_mb": state_mb, "peak_mem_gb": peak})
+            print(f"step {it + 1}/{args.steps} | loss {lossf:.4f} | lr {lr:.2e} | "
+                  f"grad norm {'-' if norm is None else f'{norm:.3f}'} | {tokens_per_step / dt:,.0f} tok/s | "
+                  f"ETA {eta / 60:.1f} min | opt state {state_mb:.1f} MB"
+                  + (f" | peak mem {peak:.2f} GB" if peak is not None else ""))
+
+    if master:
+        val = evaluate(raw_model, args.data_dir, "val", args, args.device, ctx, whole=True)
+        enc = get_encoding()
+        prompt = torch.tensor([[enc.eot_token]], device=args.device)
+        with ctx:
+            sample = raw_model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
+                                        generator=torch.Generator(args.device).manual_seed(args.seed))
+        print("sample:", enc.decode(sample[0, 1:].tolist()))
+        peak = f", peak mem {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if device_type == "cuda" else ""
+        print(f"done: {args.size} {args.optimizer}, {args.steps} steps, {args.steps * tokens_per_step:,} tokens | "
+              f"val loss (whole split) {val:.4f}, perplexity {math.exp(val):.2f} | opt state "
+              f"{optimizer_state_bytes(optimizer) / 1e6:.1f} MB{peak}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
