@@ -503,3 +503,86 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     assert p.returncode == 1 and "loss is nan" in p.stderr.lower() and "Traceback" not in p.stderr, p.stdout
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# --------------------------------------------------------- memory switches: per-layer, bf16, checkpointing
+from train import attach_per_layer_updates, get_lr
+
+SMALL = dict(vocab_size=512, dim=32, n_layers=2, n_heads=4, hidden_dim=64, block_size=16)
+
+
+def _small_model(**kw):
+    torch.manual_seed(0)
+    return Llama(LlamaConfig(**{**SMALL, **kw}))
+
+
+def _galore_for(model):
+    return GaLoreAdamW(galore_param_groups(model, rank=4, update_proj_gap=3, verbose=False), lr=1e-2,
+                       weight_decay=0.01, proj_start_steps=2)
+
+
+def test_per_layer_updates_equal_normal_steps_across_lr_change_and_refresh():
+    normal, per_layer = _small_model(), _small_model()
+    opt_n, opt_p = _galore_for(normal), _galore_for(per_layer)
+    attach_per_layer_updates(per_layer, opt_p)
+
+    class A:  # an LR schedule with warmup and cosine decay, as train.py runs it
+        lr, min_lr, warmup_steps, steps = 1e-2, 1e-3, 3, 10
+    g = torch.Generator().manual_seed(0)
+    for it in range(10):  # crosses warmup->cosine, the GaLore switch (2) and refreshes (5, 8)
+        x = torch.randint(0, 512, (4, 16), generator=g)
+        for model, opt in ((normal, opt_n), (per_layer, opt_p)):
+            for group in opt.param_groups:
+                group["lr"] = get_lr(it, A)
+            model(x[:, :-1], x[:, 1:])[1].backward()
+            if model is per_layer:  # every weight was already updated inside backward, every grad freed
+                assert all(p.grad is None for p in model.parameters())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    assert opt_n.steps_taken == opt_p.steps_taken == 10
+    for (name, p), q in zip(normal.named_parameters(), per_layer.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+    for p, q in zip(normal.parameters(), per_layer.parameters()):
+        assert opt_n.state[p].keys() == opt_p.state[q].keys() and opt_n.state[p]["step"] == opt_p.state[q]["step"]
+
+
+def test_bf16_parameters_train_with_bf16_states():
+    model = _small_model()
+    for p in model.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    opt = _galore_for(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 512, (8, 16), generator=g)
+    losses = []
+    for _ in range(30):
+        logits, loss = model(x[:, :-1], x[:, 1:])
+        assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32  # loss taken in fp32
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    states = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+    assert states and all(t.dtype == torch.bfloat16 for t in states)
+    assert model.rope_cos.dtype == torch.float32
+    assert losses[-1] < losses[0] - 1.0
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt in (False, True):
+        model = _small_model(activation_checkpointing=ckpt)
+        model(x[:, :-1], x[:, 1:])[1].backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_train_memory_switches_end_to_end(corpus, tmp_path):
+    _, data_dir = corpus
+    run("train.py", *TINY, "--steps", "30", "--eval_interval", "30", "--per_layer", "--param_dtype", "bfloat16",
+        "--activation_checkpointing", "--update_proj_gap", "10", "--data_dir", data_dir, "--out_dir", str(tmp_path))
+    val = [r["val_loss"] for r in read_log(tmp_path) if "val_loss" in r]
+    assert val[-1] < val[0] - 3.0
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["model"]["layers.0.attn.wq.weight"].dtype == torch.bfloat16
