@@ -108,9 +108,9 @@ def get_lr(it, args):
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
-def build_optimizer(model, args):
+def build_optimizer(model, args, verbose=True):
     if args.optimizer == "galore":
-        groups = galore_param_groups(model, args.rank, args.update_proj_gap, args.galore_scale)
+        groups = galore_param_groups(model, args.rank, args.update_proj_gap, args.galore_scale, verbose=verbose)
         return GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
                            proj_start_steps=args.proj_start_steps, reset_on_update=not args.no_reset)
     if args.per_layer:  # needs step_param(); GaLoreAdamW without 'rank' is AdamW to the last bit (tested)
@@ -154,6 +154,16 @@ def evaluate(model, data_dir, split, args, device, ctx, whole=False):
                 losses.append((model(x, y)[1].item(), 1))
     model.train()
     return sum(l * w for l, w in losses) / sum(w for _, w in losses)
+
+
+def replicas_agree(model):
+    """Under DDP, whether every rank holds bit-identical weights. A projector that differed between ranks
+    (an SVD sign flip) would make the replicas drift apart silently; this catches it. Compares one integer
+    per parameter: the sum of its fp32 bit patterns."""
+    fp = torch.stack([p.detach().float().view(torch.int32).sum(dtype=torch.int64) for p in model.parameters()])
+    all_fp = [torch.zeros_like(fp) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_fp, fp)
+    return all(torch.equal(f, all_fp[0]) for f in all_fp)
 
 
 def save_atomic(obj, path):
@@ -237,7 +247,7 @@ def main(argv=None):
     model.to(args.device)
     if master:
         print(f"model {args.size}: {model.num_params():,} parameters, {cfg}")
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args, verbose=master)
     gen = torch.Generator().manual_seed(args.seed)  # batch sampling; the same stream on every DDP rank
     start, log = 0, []
     if ckpt is not None:
@@ -283,7 +293,13 @@ def main(argv=None):
         stop = torch.tensor(float(bool(interrupted)), device=args.device)
         if ddp:
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        if (it % args.eval_interval == 0 or it == args.steps) and master and not (it == start and args.resume):
+        is_eval = (it % args.eval_interval == 0 or it == args.steps) and not (it == start and args.resume)
+        if is_eval and ddp:
+            if not replicas_agree(raw_model):
+                fail(f"DDP replicas differ at step {it}; please report this as a bug")
+            if master:
+                print(f"step {it}: weights identical on all {world_size} ranks")
+        if is_eval and master:
             val = evaluate(raw_model, args.data_dir, "val", args, args.device, ctx)
             write_log({"step": it, "val_loss": val, "val_ppl": math.exp(val),
                        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None})
