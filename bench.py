@@ -1,0 +1,225 @@
+"""
+Memory and speed of AdamW vs GaLore (vs GaLore with per-layer updates, vs bf16 weights) on real training
+steps of the Llama presets, with random tokens (no data needed).
+
+    python bench.py --sizes tiny,60M                          # CPU: exact tensor bytes; a few minutes
+    python bench.py --sizes 60M,125M,350M,1B --batch_size 1   # CUDA: adds peak memory and tokens/s
+    python bench.py --svd                                     # projector refresh: full vs randomized SVD
+
+Writes a table to stdout, --out JSON and a bar chart (--out with .png). On CUDA, peak memory is
+torch.cuda.max_memory_allocated over the whole run. On CPU peak memory is not measured: the table gives the
+exact bytes of weights, gradients held at once and optimizer state (their sum is a lower bound on a GPU's peak;
+activations come on top).
+"""
+
+import argparse
+import json
+import statistics
+import time
+from types import SimpleNamespace
+
+import torch
+
+from galore import GaLoreAdamW, optimizer_state_bytes
+from llama import PRESETS, Llama, LlamaConfig
+from train import DEFAULT_RANK, attach_per_layer_updates, build_optimizer
+
+VARIANTS = {  # name: (optimizer, per_layer, param dtype)
+    "adamw": ("adamw", False, torch.float32),
+    "galore": ("galore", False, torch.float32),
+    "galore_pl": ("galore", True, torch.float32),
+    "adamw_bf16": ("adamw", False, torch.bfloat16),
+    "galore_bf16": ("galore", False, torch.bfloat16),
+    "galore_pl_bf16": ("galore", True, torch.bfloat16),
+}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_one(size, variant, args, device):
+    opt_name, per_layer, pdtype = VARIANTS[variant]
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    cfg = LlamaConfig(**{**PRESETS[size], "block_size": args.block_size,
+                         "activation_checkpointing": args.activation_checkpointing})
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    for p in model.parameters():
+        p.data = p.data.to(pdtype)
+    model.to(device)
+    rank = args.rank or DEFAULT_RANK[size]
+    # Refresh every 3 steps here so the timed steps contain refreshes; the amortized figures use --gap.
+    opt_args = SimpleNamespace(optimizer=opt_name, per_layer=per_layer, rank=rank, update_proj_gap=3,
+                               galore_scale=0.25, lr=1e-3, weight_decay=0.0, proj_start_steps=0, no_reset=False)
+    optimizer = build_optimizer(model, opt_args, verbose=False)
+    grad_bytes = [0]
+    if per_layer:
+        # Registered before the update hook, so it sees each gradient before it is freed.
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda p: grad_bytes.__setitem__(0, max(grad_bytes[0], p.grad.numel() * p.grad.element_size())))
+        attach_per_layer_updates(model, optimizer)
+    svd_s = [0.0]  # time inside projector computations (SVDs): the cost of the refreshes
+    if opt_name == "galore":
+        projector = optimizer._projector
+        def timed_projector(G, r):
+            sync(device)
+            t0 = time.perf_counter()
+            P = projector(G, r)
+            sync(device)
+            svd_s[0] += time.perf_counter() - t0
+            return P
+        optimizer._projector = timed_projector  # an instance attribute: _update() calls this one
+    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and pdtype == torch.float32
+           else torch.autocast("cpu", enabled=False))
+    compiled = torch.compile(model) if args.compile else model
+    g = torch.Generator().manual_seed(0)
+    step_t, opt_t, refresh, n_refresh = [], [], [], 0
+    for s in range(args.steps + 1):  # step 0 warms up (allocator, kernels) and is not timed
+        x = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=g).to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        with ctx:
+            _, loss = compiled(x[:, :-1], x[:, 1:])
+        loss.backward()
+        if not per_layer:
+            grad_bytes[0] = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+        sync(device)
+        t1 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        t2 = time.perf_counter()
+        if s == 0:
+            svd_s[0] = 0.0
+        else:
+            n_refresh += opt_name == "galore" and s % 3 == 0
+            step_t.append(t2 - t0)
+            opt_t.append(t2 - t1)
+            refresh.append(opt_name == "galore" and s % 3 == 0)
+    t_step = statistics.mean(t for t, r in zip(step_t, refresh) if not r)
+    t_refresh = svd_s[0] / n_refresh if n_refresh else 0.0  # all matrices' SVDs of one refresh
+    t_opt = statistics.mean(t for t, r in zip(opt_t, refresh) if not r)
+    tokens = args.batch_size * args.block_size
+    return dict(
+        size=size, variant=variant, rank=rank if opt_name == "galore" else None, params=model.num_params(),
+        param_mb=sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6,
+        grad_mb=grad_bytes[0] / 1e6, state_mb=optimizer_state_bytes(optimizer) / 1e6,
+        peak_mb=torch.cuda.max_memory_allocated() / 1e6 if device.type == "cuda" else None,
+        tokens_per_s=tokens / t_step, tokens_per_s_amortized=tokens / (t_step + t_refresh / args.gap),
+        step_ms=1e3 * t_step, opt_step_ms=None if per_layer else 1e3 * t_opt,
+        opt_step_amortized_ms=None if per_layer else 1e3 * (t_opt + t_refresh / args.gap),
+        refresh_ms=1e3 * t_refresh)
+
+
+def svd_bench(args, device):
+    """Time one projector computation, full SVD vs randomized (torch.svd_lowrank), and how much of the
+    gradient's energy the randomized subspace captures relative to the exact top-r one."""
+    rows = []
+    for (m, n), r in [((768, 768), 128), ((2048, 768), 128), ((2048, 2048), 512), ((2048, 5461), 512)]:
+        g = torch.Generator().manual_seed(0)
+        # A gradient-like matrix: a decaying spectrum (sigma_i ~ 1/i) plus noise. Pure Gaussian noise has a
+        # flat spectrum, the worst case for a randomized SVD and nothing like a real gradient.
+        k = min(m, n)
+        U = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
+        V = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+        G = ((U / torch.arange(1, k + 1)) @ V.T + 1e-3 * torch.randn(m, n, generator=g)).to(device)
+        timings = {}
+        for name, fn in (("full", lambda: GaLoreAdamW._projector(G, r)),
+                         ("randomized", lambda: torch.svd_lowrank(G, q=r, niter=2))):
+            fn()
+            sync(device)
+            ts = []
+            for _ in range(args.svd_repeats):
+                t0 = time.perf_counter()
+                out = fn()
+                sync(device)
+                ts.append(time.perf_counter() - t0)
+            timings[name] = statistics.median(ts)
+        Uf, _, Vhf = torch.linalg.svd(G, full_matrices=False)
+        Ur, _, Vr = torch.svd_lowrank(G, q=r, niter=2)
+        exact = (Vhf[:r] if m >= n else Uf[:, :r].T)
+        approx = (Vr.T if m >= n else Ur.T)
+        energy = lambda B: (G @ B.T if m >= n else B @ G).norm() ** 2
+        rows.append(dict(shape=f"{m}x{n}", rank=r, full_ms=1e3 * timings["full"],
+                         randomized_ms=1e3 * timings["randomized"], speedup=timings["full"] / timings["randomized"],
+                         energy_ratio=(energy(approx) / energy(exact)).item()))
+        print(f"{m:>5}x{n:<5} r={r:<4} full SVD {rows[-1]['full_ms']:9.1f} ms | randomized {rows[-1]['randomized_ms']:8.1f}"
+              f" ms | {rows[-1]['speedup']:5.1f}x faster | energy captured vs exact {rows[-1]['energy_ratio']:.4f}")
+    return rows
+
+
+def chart(results, path, device_name):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sizes = list(dict.fromkeys(r["size"] for r in results))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.5 * len(sizes), 4.5), squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        rs = [r for r in results if r["size"] == size]
+        names = [r["variant"] for r in rs]
+        bottom = [0.0] * len(rs)
+        for key, label in (("param_mb", "weights"), ("grad_mb", "grads held at once"), ("state_mb", "optimizer state")):
+            vals = [r[key] / 1e3 for r in rs]
+            ax.bar(names, vals, bottom=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        if rs[0]["peak_mb"] is not None:
+            ax.scatter(names, [r["peak_mb"] / 1e3 for r in rs], color="k", marker="_", s=400, label="peak (measured)")
+        ax.set_title(f"{size} ({device_name})")
+        ax.set_ylabel("GB")
+        ax.tick_params(axis="x", rotation=45)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="tiny,60M", help="comma-separated presets")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
+    p.add_argument("--rank", type=int, default=None, help="GaLore rank (default: the paper's for each size)")
+    p.add_argument("--gap", type=int, default=200, help="T used to amortize the measured refresh cost")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--block_size", type=int, default=None, help="default: 1024 on CUDA, 128 on CPU")
+    p.add_argument("--steps", type=int, default=6, help="timed steps (plus one warm-up)")
+    p.add_argument("--activation_checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--svd", action="store_true", help="time full vs randomized SVD instead")
+    p.add_argument("--svd_repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default="bench.json", help="JSON results; the chart goes next to it as .png")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    args.block_size = args.block_size or (1024 if device.type == "cuda" else 128)
+    meta = dict(device=device_name, torch=torch.__version__, batch_size=args.batch_size,
+                block_size=args.block_size, activation_checkpointing=args.activation_checkpointing)
+    if args.svd:
+        json.dump(dict(meta, svd=svd_bench(args, device)), open(args.out, "w"), indent=1)
+        return
+    results = []
+    print(f"{device_name}, batch {args.batch_size} x {args.block_size} tokens" +
+          (", activation checkpointing" if args.activation_checkpointing else ""))
+    print(f"{'size':>5} {'variant':>15} {'weights MB':>10} {'grads MB':>9} {'state MB':>9} {'peak MB':>8} "
+          f"{'tok/s':>8} {'tok/s T=' + str(args.gap):>10} {'opt ms':>7} {'opt ms T':>8} {'refresh ms':>10}")
+    for size in args.sizes.split(","):
+        for variant in args.variants.split(","):
+            r = bench_one(size, variant, args, device)
+            results.append(r)
+            f = lambda v, spec: "-" if v is None else format(v, spec)
+            print(f"{size:>5} {variant:>15} {r['param_mb']:10.1f} {r['grad_mb']:9.1f} {r['state_mb']:9.1f} "
+                  f"{f(r['peak_mb'], '8.0f'):>8} {r['tokens_per_s']:8.0f} {r['tokens_per_s_amortized']:10.0f} "
+                  f"{f(r['opt_step_ms'], '7.1f'):>7} {f(r['opt_step_amortized_ms'], '8.1f'):>8} "
+                  f"{r['refresh_ms']:10.1f}", flush=True)
+    json.dump(dict(meta, results=results), open(args.out, "w"), indent=1)
+    chart(results, args.out.rsplit(".", 1)[0] + ".png", device_name)
+    print(f"wrote {args.out} and {args.out.rsplit('.', 1)[0]}.png")
+
+
+if __name__ == "__main__":
+    main()
