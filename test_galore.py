@@ -422,6 +422,15 @@ def test_data_bad_inputs(tmp_path):
         check_fits(BigTokenizer())
 
 
+def test_missing_data_offline_says_how_to_go_on(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--data_dir", str(tmp_path / "none"),
+                        "--out_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "could not download WikiText-103" in p.stderr and "--input FILE" in p.stderr
+    assert not (tmp_path / "none" / "meta.json").exists()
+
+
 def test_wikitext_lines_are_rejoined_into_articles():
     lines = [" = Valkyria = \n", " text one \n", " = = Plot = = \n", " more \n", " = Tower = \n", " two \n"]
     assert wikitext_documents(lines) == [" = Valkyria = \n text one \n = = Plot = = \n more \n",
