@@ -70,7 +70,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 proj_start_steps=0, reset_on_update=True):
+                 proj_start_steps=0, reset_on_update=True, svd="full"):
         # `not 0.0 <= x` is also True for NaN, so a NaN hyperparameter is refused too.
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr} (must be a number >= 0)")
@@ -81,12 +81,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be a number >= 0)")
+        if svd not in ("full", "randomized"):
+            raise ValueError(f"Invalid svd: {svd!r} (use 'full' or 'randomized')")
         if not (isinstance(proj_start_steps, int) and proj_start_steps >= 0):
             raise ValueError(f"Invalid proj_start_steps: {proj_start_steps} (must be an int >= 0)")
         self.proj_start_steps = proj_start_steps
         self.reset_on_update = reset_on_update
         self.steps_taken = 0  # the optimizer-level counter s; saved in state_dict()
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, svd=svd)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -126,14 +128,22 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # -- projection: one rule from the shape ---------------------------------------------------------------
     @staticmethod
-    def _projector(G, rank):
+    def _projector(G, rank, svd="full"):
         """Top-`rank` singular vectors of G (m x n): P (r x n) if m >= n, else P (m x r)."""
         # SVD in fp32 whatever the parameter dtype: bf16 SVD is not supported and would be too coarse anyway.
-        U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)  # U (m, k), Vh (k, n), k = min(m, n)
+        if svd == "full":
+            U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)  # U (m, k), Vh (k, n), k = min(m, n)
+        else:
+            # Randomized SVD (Halko et al. 2011): only the top `rank` triplets, from a few matmuls with a
+            # random (n, rank) sketch and two power iterations. Several times faster than the full SVD at the
+            # 1B shapes; the subspace is approximate (see the README for what it costs).
+            U, S, V = torch.svd_lowrank(G.float(), q=rank, niter=2)  # U (m, r), V (n, r)
+            Vh = V.T
         P = Vh[:rank, :] if G.shape[0] >= G.shape[1] else U[:, :rank]
         P = P.to(G.dtype).contiguous()
         # Under data parallelism every rank holds the same all-reduced G, but an SVD is free to flip the sign of
-        # a singular vector, and different ranks could pick differently. Rank 0's P is the one everybody uses.
+        # a singular vector, and different ranks could pick differently (and a randomized SVD draws a different
+        # sketch on each rank). Rank 0's P is the one everybody uses.
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.broadcast(P, src=0)
         return P
@@ -192,7 +202,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             s = self.steps_taken - self.proj_start_steps  # steps since the switch to low rank
             first = "P" not in state  # the switch (or this matrix missed it: it had no gradient then)
             if first or s % group["update_proj_gap"] == 0:
-                state["P"] = self._projector(G, group["rank"])  # (r, n) or (m, r)
+                state["P"] = self._projector(G, group["rank"], group["svd"])  # (r, n) or (m, r)
                 if first or self.reset_on_update:
                     # Zeroing the moments alone would not do: Adam divides by (1 - beta^k) to undo their
                     # zero start, and with k still large that correction is ~1. The first update would then

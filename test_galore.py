@@ -34,9 +34,9 @@ class RecordingGaLore(GaLoreAdamW):
         super().__init__(*a, **kw)
         self.refreshes = []
 
-    def _projector(self, G, rank):
+    def _projector(self, G, rank, svd):
         self.refreshes.append((self.steps_taken, tuple(G.shape)))
-        return GaLoreAdamW._projector(G, rank)
+        return GaLoreAdamW._projector(G, rank, svd)
 
 
 # ------------------------------------------------------------------------------- equality with AdamW
@@ -108,6 +108,21 @@ def test_projection_side_and_orthonormal_P(shape, p_shape, r_shape):
     torch.testing.assert_close(torch.linalg.svdvals(R), torch.linalg.svdvals(G)[:3], atol=1e-4, rtol=1e-4)
     # First Adam step from zero moments: M = (1 - beta1) R.
     torch.testing.assert_close(M, 0.1 * R)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_randomized_svd_projector_is_orthonormal_and_close_to_exact(shape):
+    g = torch.Generator().manual_seed(0)
+    k = min(shape)  # a gradient-like matrix: singular values 1/i
+    U = torch.linalg.qr(torch.randn(shape[0], k, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(shape[1], k, generator=g))[0]
+    G = (U / torch.arange(1, k + 1)) @ V.T
+    P_exact, P_rand = GaLoreAdamW._projector(G, 4, "full"), GaLoreAdamW._projector(G, 4, "randomized")
+    assert P_rand.shape == P_exact.shape
+    gram = P_rand @ P_rand.T if shape[0] >= shape[1] else P_rand.T @ P_rand
+    torch.testing.assert_close(gram, torch.eye(4), atol=1e-5, rtol=0)
+    energy = lambda P: GaLoreAdamW.project(G, P).norm() ** 2
+    assert energy(P_rand) / energy(P_exact) > 0.95
 
 
 def test_update_is_alpha_times_projected_back_adam_step():
@@ -227,7 +242,7 @@ def test_state_bytes_125M_rank128_equal_hand_count():
     assert model.num_params() == 123_587_328
     class CheapProjector(GaLoreAdamW):  # the state's shapes, not the SVD, are under test: skip 84 SVDs
         @staticmethod
-        def _projector(G, rank):
+        def _projector(G, rank, svd):
             m, n = G.shape
             return torch.eye(n)[:rank] if m >= n else torch.eye(m)[:, :rank]
     opt = CheapProjector(galore_param_groups(model, rank=128, verbose=False), lr=1e-3)
@@ -246,6 +261,7 @@ def test_state_bytes_125M_rank128_equal_hand_count():
     (dict(betas=(0.9, -0.1)), "Invalid beta parameter at index 1: -0.1"),
     (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1"),
     (dict(proj_start_steps=-1), "Invalid proj_start_steps: -1"),
+    (dict(svd="lanczos"), "Invalid svd: 'lanczos'"),
 ])
 def test_bad_hyperparameters_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):

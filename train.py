@@ -46,6 +46,8 @@ def get_args(argv=None):
     a("--proj_start_steps", type=int, default=0, help="full-rank AdamW steps before GaLore starts")
     a("--galore_scale", type=float, default=0.25, help="GaLore alpha, scale of the projected update")
     a("--no_reset", action="store_true", help="keep the moments at a refresh (official GaLore behaviour)")
+    a("--svd", default="full", choices=["full", "randomized"],
+      help="projector: exact SVD, or the faster randomized torch.svd_lowrank")
     a("--warmup_steps", type=int, default=None, help="linear LR warmup (default: 10%% of --steps)")
     a("--min_lr", type=float, default=None, help="cosine decays to this (default: 10%% of --lr)")
     a("--weight_decay", type=float, default=0.0, help="decoupled weight decay")
@@ -112,7 +114,7 @@ def build_optimizer(model, args, verbose=True):
     if args.optimizer == "galore":
         groups = galore_param_groups(model, args.rank, args.update_proj_gap, args.galore_scale, verbose=verbose)
         return GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
-                           proj_start_steps=args.proj_start_steps, reset_on_update=not args.no_reset)
+                           proj_start_steps=args.proj_start_steps, reset_on_update=not args.no_reset, svd=args.svd)
     if args.per_layer:  # needs step_param(); GaLoreAdamW without 'rank' is AdamW to the last bit (tested)
         return GaLoreAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
