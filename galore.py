@@ -197,8 +197,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         state = self.state[p]
 
-        alpha = 1.0
-        if self.is_projected(p, group):
+        projected = self.is_projected(p, group)
+        R, alpha = G, 1.0  # unprojected: P is the identity and there is no scale
+        if projected:
             s = self.steps_taken - self.proj_start_steps  # steps since the switch to low rank
             first = "P" not in state  # the switch (or this matrix missed it: it had no gradient then)
             if first or s % group["update_proj_gap"] == 0:
@@ -211,25 +212,25 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     # At the switch this also frees the full-rank (m, n) moments of the warmup.
                     for key in ("exp_avg", "exp_avg_sq", "step"):
                         state.pop(key, None)
-            G = self.project(G, state["P"])  # R: (m, r) or (r, n)
+            R = self.project(G, state["P"])  # (m, r) or (r, n)
             alpha = group["scale"]
 
         if "step" not in state:
             state["step"] = 0                                                   # k, the moments' age
-            state["exp_avg"] = torch.zeros_like(G, memory_format=torch.preserve_format)     # M, shape of R
-            state["exp_avg_sq"] = torch.zeros_like(G, memory_format=torch.preserve_format)  # V, shape of R
+            state["exp_avg"] = torch.zeros_like(R, memory_format=torch.preserve_format)     # M, shape of R
+            state["exp_avg_sq"] = torch.zeros_like(R, memory_format=torch.preserve_format)  # V, shape of R
         M, V = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
         k = state["step"]
 
-        M.lerp_(G, 1 - beta1)                                  # M = beta1 M + (1 - beta1) R
-        V.mul_(beta2).addcmul_(G, G, value=1 - beta2)          # V = beta2 V + (1 - beta2) R^2
+        M.lerp_(R, 1 - beta1)                                  # M = beta1 M + (1 - beta1) R
+        V.mul_(beta2).addcmul_(R, R, value=1 - beta2)          # V = beta2 V + (1 - beta2) R^2
         bias_correction1 = 1 - beta1 ** k
         bias_correction2 = 1 - beta2 ** k
         denom = (V.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(V_hat) + eps
 
         p.mul_(1 - lr * wd)                                    # decoupled weight decay on the full W
-        if "P" in state:
+        if projected:
             N = M / denom / bias_correction1                   # normalized update in r-space
             p.add_(self.project_back(N, state["P"], p.shape), alpha=-lr * alpha)
         else:
