@@ -447,6 +447,22 @@ def test_missing_data_offline_says_how_to_go_on(tmp_path):
     assert not (tmp_path / "none" / "meta.json").exists()
 
 
+def test_wikitext_path_with_a_local_stand_in_for_the_hub(tmp_path, monkeypatch):
+    """The real WikiText branch of prepare(), with load_dataset answering locally in the hub's format."""
+    import datasets
+    from data import prepare
+    lines = lambda n: [x for i in range(n) for x in (f" = Article {i} = \n", f" The text of article {i} . \n", "")]
+    fake = datasets.DatasetDict({split: datasets.Dataset.from_dict({"text": lines(n)})
+                                 for split, n in (("train", 300), ("validation", 20), ("test", 20))})
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **kw: calls.append(a) or fake)
+    meta = prepare(str(tmp_path))
+    assert calls == [("Salesforce/wikitext", "wikitext-103-raw-v1")] and meta["source"] == "wikitext-103-raw-v1"
+    val = np.memmap(tmp_path / "val.bin", dtype=np.uint16, mode="r")
+    assert meta["val_tokens"] == len(val) and (val == 50256).sum() == 20  # one EOT after each article
+    assert prepare(str(tmp_path)) == meta and len(calls) == 1              # complete: not downloaded again
+
+
 def test_wikitext_lines_are_rejoined_into_articles():
     lines = [" = Valkyria = \n", " text one \n", " = = Plot = = \n", " more \n", " = Tower = \n", " two \n"]
     assert wikitext_documents(lines) == [" = Valkyria = \n text one \n = = Plot = = \n more \n",
