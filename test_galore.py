@@ -499,6 +499,10 @@ def test_train_end_to_end_loss_goes_down(corpus, tmp_path, optimizer):
     assert os.path.getsize(os.path.join(out_dir, "loss.png")) > 1000
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 40 and ckpt["config"]["dim"] == 64
+    # A second run into the same folder must not overwrite that checkpoint.
+    p = run("train.py", *TINY, "--data_dir", data_dir, "--out_dir", out_dir, check=False)
+    assert p.returncode == 1 and "exists: continue it with --resume" in p.stderr and "Traceback" not in p.stderr
+    assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["step"] == 40
 
 
 def test_ctrl_c_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path):

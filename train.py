@@ -215,6 +215,8 @@ def main(argv=None):
         if ckpt["config"] != asdict(cfg):
             fail(f"--resume: {ckpt_path} holds a model of another shape ({ckpt['args']['size']}, block_size "
                  f"{ckpt['config']['block_size']}); use the same --size/--block_size or another --out_dir")
+    elif os.path.exists(ckpt_path):  # never overwrite an earlier run's checkpoint by accident
+        fail(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir")
     if (msg := check_args(args, cfg, world_size)):
         fail(msg)
 
