@@ -59,6 +59,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
       * s == proj_start_steps + j * T (T = update_proj_gap): refresh P for all projected matrices at once.
     A matrix with r >= min(m, n) cannot be compressed and is trained full rank, like an unprojected one.
 
+    svd="randomized" computes P with torch.svd_lowrank instead of a full SVD: 3-8x faster at the 1B shapes on
+    a CPU, an approximate subspace (README: "Projector refresh").
+
     Differences from the official galore_torch.GaLoreAdamW (deliberate, see README):
       * reset_on_update=True (default) zeroes M and V and restarts the bias correction at each refresh, since
         moments measured in the old subspace mean nothing in the new one; False keeps them (official).

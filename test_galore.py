@@ -704,3 +704,14 @@ def test_per_layer_with_ddp_is_refused(corpus, tmp_path):
                         os.path.join(HERE, "train.py"), *TINY, "--per_layer", "--data_dir", data_dir, "--out_dir",
                         str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "--per_layer is not supported with DDP" in p.stderr
+
+
+def test_bench_writes_table_json_and_chart(tmp_path):
+    out = tmp_path / "b.json"
+    p = run("bench.py", "--sizes", "tiny", "--variants", "adamw,galore,galore_pl", "--steps", "3", "--block_size",
+            "16", "--out", str(out))
+    assert "galore_pl" in p.stdout and (tmp_path / "b.png").stat().st_size > 1000
+    r = {x["variant"]: x for x in json.load(open(out))["results"]}
+    assert r["galore"]["state_mb"] < r["adamw"]["state_mb"] and r["galore"]["refresh_ms"] > 0
+    assert r["galore_pl"]["grad_mb"] < r["galore"]["grad_mb"] == r["galore"]["param_mb"]
+    assert r["adamw"]["peak_mb"] is None  # CPU: peak memory is not measured, and not made up
