@@ -538,6 +538,7 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path):
     (["--per_layer", "--grad_accum", "2"], "cannot accumulate gradients"),
     (["--per_layer", "--grad_clip", "1.0"], "cannot clip their global norm"),
     (["--resume"], "--resume: no checkpoint at"),
+    (["--input", "/other/text.txt"], "already holds data from files: "),
 ])
 def test_train_bad_flags_one_line_error(corpus, tmp_path, flags, message):
     _, data_dir = corpus

@@ -234,7 +234,7 @@ def main(argv=None):
            else torch.autocast(device_type, dtype=torch.bfloat16))
 
     try:  # the data: prepared once (by rank 0 under DDP), then memmapped
-        if master and not is_complete(args.data_dir):
+        if master and (args.input or not is_complete(args.data_dir)):  # prepare() refuses to mix sources
             prepare(args.data_dir, args.input)
         if ddp:
             dist.barrier()
