@@ -137,7 +137,7 @@ def svd_bench(args, device):
             ts = []
             for _ in range(args.svd_repeats):
                 t0 = time.perf_counter()
-                out = fn()
+                fn()
                 sync(device)
                 ts.append(time.perf_counter() - t0)
             timings[name] = statistics.median(ts)

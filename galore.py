@@ -91,6 +91,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self.proj_start_steps = proj_start_steps
         self.reset_on_update = reset_on_update
         self.steps_taken = 0  # the optimizer-level counter s; saved in state_dict()
+        # p -> (group position, index in group), for step_param(). Positions, not group dicts: load_state_dict()
+        # replaces the dicts, and the hooks must read the LR the training loop sets on the current ones.
+        self._where = {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, svd=svd)
         super().__init__(params, defaults)
 
@@ -112,6 +115,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                                  "'std' (project on the smaller side of each matrix); use proj_type='std'")
         super().add_param_group(param_group)
         group = self.param_groups[-1]  # torch has now turned (name, tensor) pairs into params + param_names
+        for i, p in enumerate(group["params"]):
+            self._where[p] = (len(self.param_groups) - 1, i)
         if "rank" in group:
             for i, p in enumerate(group["params"]):
                 if p.dim() != 2:
@@ -186,11 +191,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def step_param(self, p):
         """Update one parameter now, with the schedule of the step in progress (for per-layer updates from a
         backward hook; call step() once after backward to advance the counter)."""
-        for group in self.param_groups:
-            for i, q in enumerate(group["params"]):
-                if q is p:
-                    return self._update(p, group, i)
-        raise KeyError("step_param: this tensor is not a parameter of the optimizer")
+        if p not in self._where:
+            raise KeyError("step_param: this tensor is not a parameter of the optimizer")
+        g, i = self._where[p]
+        self._update(p, self.param_groups[g], i)
 
     def _update(self, p, group, i):
         G = p.grad  # (m, n) for a matrix; any shape for an unprojected parameter
