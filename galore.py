@@ -84,8 +84,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in [0, 1))")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay value: {weight_decay} (must be a number >= 0)")
-        if svd not in ("full", "randomized"):
-            raise ValueError(f"Invalid svd: {svd!r} (use 'full' or 'randomized')")
         if not (isinstance(proj_start_steps, int) and proj_start_steps >= 0):
             raise ValueError(f"Invalid proj_start_steps: {proj_start_steps} (must be an int >= 0)")
         self.proj_start_steps = proj_start_steps
@@ -115,6 +113,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                                  "'std' (project on the smaller side of each matrix); use proj_type='std'")
         super().add_param_group(param_group)
         group = self.param_groups[-1]  # torch has now turned (name, tensor) pairs into params + param_names
+        if group["svd"] not in ("full", "randomized"):  # checked per group: a group may set its own
+            raise ValueError(f"Invalid svd: {group['svd']!r} (use 'full' or 'randomized')")
         for i, p in enumerate(group["params"]):
             self._where[p] = (len(self.param_groups) - 1, i)
         if "rank" in group:

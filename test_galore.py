@@ -273,6 +273,7 @@ def test_bad_hyperparameters_are_named(kwargs, match):
     (dict(rank=-3), "Invalid rank: -3"),
     (dict(rank=2, update_proj_gap=0), "Invalid update_proj_gap: 0"),
     (dict(rank=2, proj_type="random"), "Unsupported proj_type: 'random'.*use proj_type='std'"),
+    (dict(rank=2, svd="lanczos"), "Invalid svd: 'lanczos'"),
 ])
 def test_bad_galore_groups_are_named(group, match):
     with pytest.raises(ValueError, match=match):
