@@ -289,7 +289,7 @@ def main(argv=None):
         with open(os.path.join(args.out_dir, "log.jsonl"), "w") as f:  # rewritten whole: a resume drops
             f.writelines(json.dumps(r) + "\n" for r in log)           # what came after its checkpoint
 
-    t0, dt_avg = time.time(), None
+    dt_avg = None
     for it in range(start, args.steps + 1):
         lr = get_lr(it, args)
         for group in optimizer.param_groups:
@@ -318,6 +318,7 @@ def main(argv=None):
         if it == args.steps:
             break
 
+        t0 = time.time()  # time the training step only: evals and checkpoints are not tokens/s
         for micro in range(args.grad_accum):
             if ddp:  # all-reduce the gradients on the last micro-step only
                 model.require_backward_grad_sync = micro == args.grad_accum - 1
@@ -326,6 +327,10 @@ def main(argv=None):
             with ctx:
                 _, loss = model(x, y)
             (loss / args.grad_accum).backward()
+        loss = loss.detach()
+        if ddp:  # the mean over ranks: what is logged, and the same NaN verdict on every rank
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+            loss /= world_size
         lossf = loss.item()
         if not math.isfinite(lossf):
             if master:
@@ -341,8 +346,7 @@ def main(argv=None):
 
         if device_type == "cuda":
             torch.cuda.synchronize()
-        t1 = time.time()
-        dt, t0 = t1 - t0, t1
+        dt = time.time() - t0
         dt_avg = dt if dt_avg is None or it == start + 1 else 0.9 * dt_avg + 0.1 * dt  # step `start` compiles
         if (it + 1) % args.log_interval == 0 and master:
             state_mb = optimizer_state_bytes(optimizer) / 1e6
