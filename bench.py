@@ -79,7 +79,7 @@ def bench_one(size, variant, args, device):
            else torch.autocast("cpu", enabled=False))
     compiled = torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(0)
-    step_t, opt_t, refresh, n_refresh = [], [], [], 0
+    step_t, opt_t, refresh = [], [], []
     for s in range(args.steps + 1):  # step 0 warms up (allocator, kernels) and is not timed
         x = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=g).to(device)
         sync(device)
@@ -98,12 +98,11 @@ def bench_one(size, variant, args, device):
         if s == 0:
             svd_s[0] = 0.0
         else:
-            n_refresh += opt_name == "galore" and s % 3 == 0
             step_t.append(t2 - t0)
             opt_t.append(t2 - t1)
             refresh.append(opt_name == "galore" and s % 3 == 0)
     t_step = statistics.mean(t for t, r in zip(step_t, refresh) if not r)
-    t_refresh = svd_s[0] / n_refresh if n_refresh else 0.0  # all matrices' SVDs of one refresh
+    t_refresh = svd_s[0] / sum(refresh) if any(refresh) else 0.0  # all matrices' SVDs of one refresh
     t_opt = statistics.mean(t for t, r in zip(opt_t, refresh) if not r)
     tokens = args.batch_size * args.block_size
     return dict(
