@@ -148,7 +148,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             U, S, V = torch.svd_lowrank(G.float(), q=rank, niter=2)  # U (m, r), V (n, r)
             Vh = V.T
         P = Vh[:rank, :] if G.shape[0] >= G.shape[1] else U[:, :rank]
-        P = P.to(G.dtype).contiguous()
+        # Always a copy, into storage of exactly P's size: on CUDA Vh comes back row-major, so Vh[:r] is a
+        # contiguous view, and keeping it would keep all of Vh (k x n) alive, 3x P at 125M with fp32 weights.
+        P = P.to(G.dtype, memory_format=torch.contiguous_format, copy=True)
         # Under data parallelism every rank holds the same all-reduced G, but an SVD is free to flip the sign of
         # a singular vector, and different ranks could pick differently (and a randomized SVD draws a different
         # sketch on each rank). Rank 0's P is the one everybody uses.
