@@ -9,7 +9,8 @@ causal self-attention with F.scaled_dot_product_attention.
 Sizes are those of the GaLore paper's Llama runs (arXiv 2403.03507, Table 9) with the GPT-2 vocabulary
 (50257 tokens, padded to 50304, a multiple of 64, for faster matmuls). The input embedding and the output head
 share one matrix (tied), which keeps the parameter counts near the presets' names with this large vocabulary:
-60M -> 51M, 125M -> 124M, 350M -> 354M, 1B -> 1.31B (untied would be 77M, 162M, 405M, 1.41B).
+60M -> 51M, 125M -> 124M, 350M -> 354M, 1B -> 1.31B, 3B -> 3.38B, 7B -> 6.68B (untied would be 77M, 162M,
+405M, 1.41B, 3.54B, 6.89B). 3B and 7B are for memory planning (train.py --plan) and large GPUs.
 References: Touvron et al. 2023 (Llama), Su et al. 2021 (RoPE), Shazeer 2020 (SwiGLU); nanoGPT's model.py.
 """
 
@@ -41,6 +42,8 @@ PRESETS = {
     "125M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048),
     "350M": dict(dim=1024, n_layers=24, n_heads=16, hidden_dim=2736),
     "1B": dict(dim=2048, n_layers=24, n_heads=32, hidden_dim=5461),
+    "3B": dict(dim=3200, n_layers=26, n_heads=32, hidden_dim=8640),   # OpenLLaMA-3B's shape
+    "7B": dict(dim=4096, n_layers=32, n_heads=32, hidden_dim=11008),  # the paper's 7B (Llama 7B's shape)
 }
 
 
