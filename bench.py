@@ -5,14 +5,21 @@ steps of the Llama presets, with random tokens (no data needed).
     python bench.py --sizes tiny,60M                          # CPU: exact tensor bytes; a few minutes
     python bench.py --sizes 60M,125M,350M,1B --batch_size 1   # CUDA: adds peak memory and tokens/s
     python bench.py --svd                                     # projector refresh: full vs randomized SVD
+    python bench.py --plan --sizes 125M,350M,1B,3B,7B         # planned peak memory (fake tensors, any machine)
 
 Writes a table to stdout, --out JSON and a bar chart (--out with .png). On CUDA, peak memory is
 torch.cuda.max_memory_allocated over the whole run. On CPU peak memory is not measured: the table gives the
 exact bytes of weights, gradients held at once and optimizer state (their sum is a lower bound on a GPU's peak;
 activations come on top).
+
+--plan runs train.py's memory planner (train.py --plan, memplan.py) for every size and plan variant below: the
+real training steps on fake tensors, batch 1 x 1024 tokens. It writes a JSON record per (size, variant) and a
+chart of the planned peak against model size, with the memory of common GPUs. On CUDA it also runs each plan
+that fits on real tensors and records torch.cuda.max_memory_allocated next to it.
 """
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -22,7 +29,7 @@ import torch
 
 from galore import GaLoreAdamW, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
-from train import DEFAULT_RANK, attach_per_layer_updates, build_optimizer
+from train import DEFAULT_RANK, attach_per_layer_updates, build_optimizer, get_args, plan_memory
 
 VARIANTS = {  # name: (optimizer, per_layer, param dtype)
     "adamw": ("adamw", False, torch.float32),
@@ -32,6 +39,18 @@ VARIANTS = {  # name: (optimizer, per_layer, param dtype)
     "galore_bf16": ("galore", False, torch.bfloat16),
     "galore_pl_bf16": ("galore", True, torch.bfloat16),
 }
+
+
+PLAN_VARIANTS = {  # name: train.py flags
+    "adamw": ["--optimizer", "adamw"],
+    "adamw_bf16": ["--optimizer", "adamw", "--param_dtype", "bfloat16"],
+    "adamw_bf16_ckpt": ["--optimizer", "adamw", "--param_dtype", "bfloat16", "--activation_checkpointing"],
+    "galore": [],
+    "galore_pl": ["--per_layer"],
+    "galore_pl_bf16": ["--per_layer", "--param_dtype", "bfloat16"],
+    "galore_pl_bf16_ckpt": ["--per_layer", "--param_dtype", "bfloat16", "--activation_checkpointing"],
+}
+GPUS_GB = (8, 12, 16, 24)  # common laptop / desktop GPU memory sizes
 
 
 def sync(device):
@@ -150,6 +169,66 @@ def svd_bench(args, device):
     return rows
 
 
+def plan_sweep(args, device):
+    """Planned peak of every (size, variant); on CUDA also the measured peak of those that fit."""
+    rows = []
+    print(f"{'size':>5} {'variant':>20} {'rank':>5} {'peak GB':>8} {'weights':>8} {'grads':>6} {'state':>6} "
+          f"{'activ.':>6} {'temp.':>6} {'plan s':>6}" + (f" {'CUDA max alloc':>14}" if device.type == "cuda" else "")
+          + "  peak during")
+    for size in args.sizes.split(","):
+        for variant in args.variants.split(","):
+            flags = ["--size", size, "--batch_size", str(args.batch_size), "--block_size", str(args.block_size),
+                     *(["--svd", args.svd_method] if args.svd_method != "full" else []),
+                     *(["--rank", str(args.rank)] if args.rank else []), *PLAN_VARIANTS[variant]]
+            t0 = time.perf_counter()
+            plan = plan_memory(get_args(flags), "cuda")
+            row = dict(variant=variant, flags=" ".join(flags), plan_s=time.perf_counter() - t0, **plan)
+            if device.type == "cuda":  # the same steps on real tensors, if they can fit
+                row["cuda_max_allocated"] = row["real_tracked_bytes"] = None
+                gc.collect()  # the last variant's model and optimizer
+                torch.cuda.empty_cache()
+                if plan["peak_bytes"] < 0.9 * torch.cuda.mem_get_info(device)[0]:
+                    torch.cuda.reset_peak_memory_stats(device)
+                    base = torch.cuda.memory_allocated(device)
+                    real = plan_memory(get_args(flags), "cuda", fake=False)
+                    row["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device) - base
+                    row["cuda_max_reserved"] = torch.cuda.max_memory_reserved(device)
+                    row["real_tracked_bytes"] = real["peak_bytes"]
+            rows.append(row)
+            b = {k: v / 1e9 for k, v in plan["bytes"].items()}
+            measured = f" {row['cuda_max_allocated'] / 1e9 if row.get('cuda_max_allocated') else float('nan'):14.2f}"
+            print(f"{size:>5} {variant:>20} {str(plan['rank'] or '-'):>5} {plan['peak_bytes'] / 1e9:8.2f} "
+                  f"{b['weights']:8.2f} {b['gradients']:6.2f} {b['optimizer state']:6.2f} {b['activations']:6.2f} "
+                  f"{b['temporaries']:6.2f} {row['plan_s']:6.1f}" + (measured if device.type == "cuda" else "")
+                  + f"  {plan['peak_phase']}", flush=True)
+    return rows
+
+
+def plan_chart(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        pts = sorted((r["params"] / 1e9, r["peak_bytes"] / 1e9) for r in rows if r["variant"] == variant)
+        ax.plot(*zip(*pts), marker="o", label=variant)
+    for gb in GPUS_GB:
+        ax.axhline(gb, color="gray", lw=0.8, ls="--")
+        ax.text(min(r["params"] for r in rows) / 1e9, gb, f" {gb} GB GPU", va="bottom", fontsize=8, color="gray")
+    ax.set(xscale="log", yscale="log", xlabel="model (parameters)", ylabel="planned peak (GB of tensors)",
+           title=f"What fits where: simulated peak memory, batch {rows[0]['batch_size']} x {rows[0]['block_size']} tokens")
+    sizes = {r["size"]: r["params"] / 1e9 for r in rows}
+    ax.set_xticks(list(sizes.values()), [f"{s}\n{p:.2f}B" for s, p in sizes.items()], minor=False)
+    ax.set_xticks([], minor=True)
+    ticks = [1, 2, 4, 8, 12, 16, 24, 32, 64, 128]
+    ax.set_yticks(ticks, [str(t) for t in ticks], minor=False)
+    ax.set_yticks([], minor=True)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def chart(results, path, device_name):
     import matplotlib
     matplotlib.use("Agg")
@@ -187,6 +266,7 @@ def main():
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--svd", action="store_true", help="time full vs randomized SVD instead")
+    p.add_argument("--plan", action="store_true", help="planned peak memory of each size and plan variant")
     p.add_argument("--svd_method", default="full", choices=["full", "randomized"], help="projector of the runs")
     p.add_argument("--svd_repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -194,11 +274,19 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    args.block_size = args.block_size or (1024 if device.type == "cuda" else 128)
+    args.block_size = args.block_size or (1024 if device.type == "cuda" or args.plan else 128)
     meta = dict(device=device_name, torch=torch.__version__, batch_size=args.batch_size,
                 block_size=args.block_size, activation_checkpointing=args.activation_checkpointing)
     if args.svd:
         json.dump(dict(meta, svd=svd_bench(args, device)), open(args.out, "w"), indent=1)
+        return
+    if args.plan:
+        if args.variants == ",".join(VARIANTS):
+            args.variants = ",".join(PLAN_VARIANTS)
+        rows = plan_sweep(args, device)
+        json.dump(dict(meta, plans=rows), open(args.out, "w"), indent=1)
+        plan_chart(rows, args.out.rsplit(".", 1)[0] + ".png")
+        print(f"wrote {args.out} and {args.out.rsplit('.', 1)[0]}.png")
         return
     results = []
     print(f"{device_name}, batch {args.batch_size} x {args.block_size} tokens" +

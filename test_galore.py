@@ -110,6 +110,19 @@ def test_projection_side_and_orthonormal_P(shape, p_shape, r_shape):
     torch.testing.assert_close(M, 0.1 * R)
 
 
+@pytest.mark.parametrize("row_major", [False, True])
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20)])
+def test_P_owns_exactly_its_numbers(monkeypatch, shape, row_major):
+    # On CUDA, torch.linalg.svd returns Vh (and may return U) row-major: Vh[:r] is then a contiguous view, and a
+    # P kept as that view holds all of Vh (k x n) alive, 3x its own size at 125M. Emulate that layout here.
+    if row_major:
+        svd = torch.linalg.svd
+        monkeypatch.setattr(torch.linalg, "svd", lambda A, **kw: tuple(t.contiguous() for t in svd(A, **kw)))
+    P = GaLoreAdamW._projector(torch.randn(*shape), 3)
+    assert P.shape == ((3, 12) if shape[0] >= shape[1] else (12, 3)) and P.is_contiguous()
+    assert P.untyped_storage().nbytes() == P.numel() * P.element_size()
+
+
 @pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
 def test_randomized_svd_projector_is_orthonormal_and_close_to_exact(shape):
     g = torch.Generator().manual_seed(0)
@@ -358,14 +371,15 @@ def test_initial_loss_is_about_ln_vocab():
 
 
 @pytest.mark.parametrize("size, expected", [("60M", 51_061_248), ("125M", 123_587_328),
-                                            ("350M", 353_944_576), ("1B", 1_311_033_344)])
+                                            ("350M", 353_944_576), ("1B", 1_311_033_344),
+                                            ("3B", 3_382_646_400), ("7B", 6_682_316_800)])
 def test_preset_parameter_counts(size, expected):
     cfg = LlamaConfig(**PRESETS[size])
     with torch.device("meta"):  # shapes only, no memory
         model = Llama(cfg)
     C, H, L, V = cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.vocab_size
     assert model.num_params() == L * (4 * C * C + 3 * C * H + 2 * C) + V * C + C == expected
-    nominal = {"60M": 60e6, "125M": 125e6, "350M": 350e6, "1B": 1e9}[size]
+    nominal = {"60M": 60e6, "125M": 125e6, "350M": 350e6, "1B": 1e9, "3B": 3e9, "7B": 7e9}[size]
     assert abs(expected - nominal) / nominal < 0.35
 
 
@@ -717,3 +731,103 @@ def test_bench_writes_table_json_and_chart(tmp_path):
     assert r["galore"]["state_mb"] < r["adamw"]["state_mb"] and r["galore"]["refresh_ms"] > 0
     assert r["galore_pl"]["grad_mb"] < r["galore"]["grad_mb"] == r["galore"]["param_mb"]
     assert r["adamw"]["peak_mb"] is None  # CPU: peak memory is not measured, and not made up
+
+
+# ------------------------------------------------------------------------- memory planner (memplan.py)
+from bench import PLAN_VARIANTS
+from train import get_args, gpu_memory_problem, plan_memory
+
+# A few-million-parameter Llama whose attention and MLP matrices are most of the weights (86%), unlike tiny.
+SMALL4M = dict(vocab_size=2048, dim=256, n_layers=4, n_heads=4, hidden_dim=688)
+
+
+def _plan_args(monkeypatch, *flags, size="4M"):
+    monkeypatch.setitem(PRESETS, "4M", SMALL4M)
+    return get_args(["--size", size, "--rank", "64" if size == "4M" else "8", "--batch_size", "2",
+                     "--block_size", "32", *flags])
+
+
+@pytest.mark.parametrize("size, variant", [("4M", v) for v in PLAN_VARIANTS] + [("tiny", "adamw"),
+                                                                                 ("tiny", "galore_pl_bf16_ckpt")])
+def test_plan_on_fake_tensors_equals_the_same_steps_on_real_tensors(monkeypatch, size, variant):
+    # The issue asked for 1%; on a CPU the fake run reproduces every storage's size and lifetime, to the byte.
+    args = _plan_args(monkeypatch, *PLAN_VARIANTS[variant], size=size)
+    fake, real = plan_memory(args, "cpu"), plan_memory(args, "cpu", fake=False)
+    assert fake["peak_bytes"] == real["peak_bytes"] and fake["bytes"] == real["bytes"]
+    assert fake["phase_peaks"] == real["phase_peaks"] and fake["peak_phase"] == real["peak_phase"]
+
+
+def test_plan_categories_are_exact_counts(monkeypatch):
+    C, H, L, V, r = 256, 688, 4, 2048, 64
+    # GaLore state by hand (fp32): attention C x C: M, V (C x r) and P (r x C); w1, w3 (H x C) M, V (H x r) and
+    # P (r x C); w2 (C x H, left) P (C x r), M, V (r x H). Plus AdamW's M, V on the embedding and 2L+1 norms.
+    galore_state = 4 * (L * (4 * 3 * C * r + 3 * (2 * H * r + C * r)) + 2 * (V * C + (2 * L + 1) * C))
+    n_params = L * (4 * C * C + 3 * C * H + 2 * C) + V * C + C
+    rope = 2 * 32 * (C // 4 // 2) * 4  # cos and sin tables, (block_size, head_dim / 2) fp32
+    for flags, weight_bytes, state in (([], 4 * n_params, galore_state),
+                                       (["--param_dtype", "bfloat16"], 2 * n_params, galore_state // 2),
+                                       # torch's AdamW also keeps `step` as a 4-byte tensor per parameter tensor
+                                       (["--optimizer", "adamw"], 4 * n_params, 2 * 4 * n_params + 4 * (9 * L + 2))):
+        plan = plan_memory(_plan_args(monkeypatch, *flags), "cpu")
+        b = plan["bytes"]
+        assert b["weights"] == weight_bytes + rope and b["optimizer state"] == state == plan["state_bytes"]
+        assert b["gradients"] == weight_bytes  # the peak comes after backward: every gradient is held
+        assert sum(b.values()) == plan["peak_bytes"]
+        assert plan["end_bytes"] == b["weights"] + state  # after a step: nothing but weights and state is left
+
+
+def test_plan_memory_switches_cut_what_they_claim(monkeypatch):
+    plan = lambda *flags: plan_memory(_plan_args(monkeypatch, *flags), "cpu")
+    # Small batch: the peak comes after backward, with every gradient held (14.8 MB). Per-layer updates free
+    # each gradient inside backward: at the peak, at most the embedding's (2048 x 256) and one matrix's are held.
+    base, per_layer = plan(), plan("--per_layer")
+    assert per_layer["bytes"]["gradients"] <= 4 * (2048 * 256 + 688 * 256) < base["bytes"]["gradients"]
+    assert per_layer["peak_bytes"] < base["peak_bytes"] - 0.5 * base["bytes"]["gradients"]
+    # Larger batch: checkpointing keeps only each block's input through the forward pass.
+    base, ckpt = plan("--batch_size", "8", "--block_size", "128"), plan("--batch_size", "8", "--block_size", "128",
+                                                                        "--activation_checkpointing")
+    fwd = lambda p: p["phase_peaks"]["step 1 (states created, projectors computed): forward"]
+    assert fwd(ckpt) < 0.5 * fwd(base)
+
+
+def test_train_plan_needs_no_data_and_prints_the_breakdown(tmp_path):
+    p = run("train.py", "--size", "tiny", "--plan", "--batch_size", "2", "--block_size", "64", "--data_dir",
+            str(tmp_path / "none"), "--out_dir", str(tmp_path / "out"))
+    assert "memory plan: tiny" in p.stdout and "during step 201 (refresh)" in p.stdout
+    for category in ("weights", "gradients", "optimizer state", "activations", "temporaries"):
+        assert category in p.stdout
+    assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
+
+
+def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch):
+    flags = ["--batch_size", "8", "--block_size", "128", "--optimizer", "adamw"]
+    need = {extra: plan_memory(_plan_args(monkeypatch, *flags, *extra), "cuda")["peak_bytes"] * 1.15
+            for extra in ((), ("--activation_checkpointing",), ("--activation_checkpointing", "--param_dtype",
+                                                                  "bfloat16"))}
+    base, ckpt, ckpt_bf16 = need.values()
+    free = {}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free["bytes"], 80e9))
+    args = _plan_args(monkeypatch, *flags)
+    free["bytes"] = base + 1
+    assert gpu_memory_problem(args, "cuda") is None
+    free["bytes"] = ckpt + 1
+    msg = gpu_memory_problem(args, "cuda")
+    assert msg == (f"this run needs about {base / 1e9:.1f} GB of GPU memory but {free['bytes'] / 1e9:.1f} GB are "
+                   f"free; with --activation_checkpointing it needs about {ckpt / 1e9:.1f} GB (details: add --plan)")
+    free["bytes"] = ckpt_bf16 + 1  # the switches are tried cumulatively, in order
+    assert "with --activation_checkpointing --param_dtype bfloat16 it needs" in gpu_memory_problem(args, "cuda")
+    free["bytes"] = 1e6  # every switch already on: nothing left to suggest
+    args = _plan_args(monkeypatch, "--batch_size", "1", "--per_layer", "--param_dtype", "bfloat16",
+                      "--activation_checkpointing")
+    assert "no memory switch makes it fit; use a smaller --size or --rank" in gpu_memory_problem(args, "cuda")
+
+
+def test_7B_plan_with_the_default_rank_meets_the_24GB_target():
+    # The README's claim: 7B with GaLore (default rank 512), per-layer updates, bf16 weights and states and
+    # activation checkpointing, batch 1 x 1024 tokens, peaks at <= 22 GB of tensors (measured on an H100:
+    # the plan was within 0.4% of torch.cuda.max_memory_allocated). Planned on fake tensors in ~16 s.
+    plan = plan_memory(get_args(["--size", "7B", "--batch_size", "1", "--per_layer", "--param_dtype", "bfloat16",
+                                 "--activation_checkpointing"]), "cuda")
+    assert plan["rank"] == 512 and plan["params"] == 6_682_316_800
+    assert plan["bytes"]["weights"] == 2 * 6_682_316_800 + 2 * 1024 * 64 * 4  # bf16 weights + fp32 RoPE tables
+    assert plan["peak_bytes"] <= 22e9

@@ -5,9 +5,12 @@ Train a Llama on WikiText-103 with GaLoreAdamW (or AdamW for comparison).
     python train.py --size 60M --optimizer adamw      # the full-rank baseline
     python train.py --size tiny --input my.txt --device cpu --steps 200    # offline, on your own text
     python train.py --size 125M --resume              # continue from out/ckpt.pt
+    python train.py --size 7B --batch_size 1 --per_layer --param_dtype bfloat16 --activation_checkpointing --plan
+                                                      # predicted peak memory (fake tensors, no GPU, ~16 s)
     torchrun --nproc_per_node 2 train.py --size 125M  # data parallel (DDP), one process per GPU
 
-Writes to --out_dir: ckpt.pt (atomic, at every eval and at the end), log.jsonl, loss.png.
+Writes to --out_dir: ckpt.pt (atomic, at every eval and at the end), log.jsonl, loss.png. On CUDA the run is
+planned first (memplan.py) and stops with the flags that would make it fit if the GPU is too small.
 Ctrl-C saves a checkpoint and exits. Paper: arXiv 2403.03507.
 """
 
@@ -23,12 +26,19 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from data import DataError, get_batch, get_encoding, is_complete, prepare
 from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
+from memplan import MemoryTracker
 
-DEFAULT_RANK = {"tiny": 8, "60M": 128, "125M": 256, "350M": 256, "1B": 512}  # the paper's ranks per size
+# Planned tensor bytes x this = what a GPU needs. Measured on an H100 (README, "Memory"): the allocated peak was
+# at most 3.4% above the plan (library workspaces, rounding), the allocator's reserved memory 8% above that.
+# The CUDA context is not in it: torch.cuda.mem_get_info's free memory already excludes it.
+GPU_OVERHEAD = 1.15
+DEFAULT_RANK = {"tiny": 8, "60M": 128, "125M": 256, "350M": 256, "1B": 512,  # the paper's ranks per size
+                "3B": 640, "7B": 512}  # ours (the paper: 7B 1024): see "Memory" in the README
 
 
 def get_args(argv=None):
@@ -69,6 +79,8 @@ def get_args(argv=None):
     a("--out_dir", default="out", help="checkpoint, log and plot go here")
     a("--resume", action="store_true", help="continue from --out_dir/ckpt.pt")
     a("--sample_tokens", type=int, default=64, help="tokens to generate at the end")
+    a("--plan", action="store_true",
+      help="predict this run's peak memory on fake tensors (no data, no GPU needed) and exit")
     args = p.parse_args(argv)
     args.lr = args.lr if args.lr is not None else (0.01 if args.optimizer == "galore" else 1e-3)
     args.rank = args.rank if args.rank is not None else DEFAULT_RANK[args.size]
@@ -110,14 +122,36 @@ def get_lr(it, args):
     return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
 
 
-def build_optimizer(model, args, verbose=True):
+def model_config(args):
+    return LlamaConfig(**{**PRESETS[args.size], "block_size": args.block_size,
+                          "activation_checkpointing": args.activation_checkpointing})
+
+
+def build_model(cfg, param_dtype):
+    model = Llama(cfg)
+    if param_dtype == "bfloat16":
+        for p in model.parameters():  # parameters only: the RoPE tables stay fp32
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def autocast_context(device_type, dtype, param_dtype):
+    """bf16 autocast for fp32 weights when dtype is bfloat16; bf16 weights compute in bf16 anyway."""
+    if dtype == "float32" or param_dtype == "bfloat16":
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def build_optimizer(model, args, verbose=True, foreach=None):
     if args.optimizer == "galore":
         groups = galore_param_groups(model, args.rank, args.update_proj_gap, args.galore_scale, verbose=verbose)
         return GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
                            proj_start_steps=args.proj_start_steps, reset_on_update=not args.no_reset, svd=args.svd)
     if args.per_layer:  # needs step_param(); GaLoreAdamW without 'rank' is AdamW to the last bit (tested)
         return GaLoreAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # foreach=None is torch's choice: the multi-tensor kernels on CUDA, whose temporaries (e.g. sqrt(V) of every
+    # weight at once) make AdamW's peak 20% higher at 1B on an H100; the plan passes the choice explicitly.
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, foreach=foreach)
 
 
 def attach_per_layer_updates(model, optimizer):
@@ -129,6 +163,125 @@ def attach_per_layer_updates(model, optimizer):
         p.grad = None
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(hook)
+
+
+def forward_backward(model, next_batch, grad_accum, ctx, ddp=False):
+    """Accumulate the gradients of grad_accum micro-batches. Returns the mean loss over them, as a tensor
+    (reading it with .item() waits for the GPU: the loop does that only where it needs the number)."""
+    mean_loss = 0.0
+    for micro in range(grad_accum):
+        if ddp:  # all-reduce the gradients on the last micro-step only
+            model.require_backward_grad_sync = micro == grad_accum - 1
+        x, y = next_batch()
+        with ctx:
+            _, loss = model(x, y)
+        (loss / grad_accum).backward()
+        mean_loss = mean_loss + loss.detach() / grad_accum
+    return mean_loss
+
+
+def optimizer_step(model, optimizer, grad_clip, per_layer):
+    """Clip, step, free the gradients. Returns the global grad norm before clipping (a tensor), or None with
+    per-layer updates (every weight was already updated inside backward, and no gradient is left)."""
+    norm = None
+    if not per_layer:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+def plan_memory(args, device_type, fake=True):
+    """Peak memory of this run, predicted by executing its training steps on fake tensors (memplan.py):
+    the model, dtypes, optimizer, per-layer hooks, activation checkpointing and batch of the real run, but
+    nothing is allocated or computed. device_type is the run's ("cuda" plans a GPU run, also on a machine
+    without one: the fake tensors then live on the CPU, and autocast is applied as on CUDA).
+    Two steps: the first (states created, GaLore's first SVDs), then a refresh with the states in place
+    (with --proj_start_steps: the switch from full-rank moments to low rank, the larger moment).
+    fake=False runs the same steps on real tensors: how the tests and bench.py check the plan."""
+    device = device_type if device_type != "cuda" or torch.cuda.is_available() else "cpu"
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device_type == "cuda" else "float32"
+    ctx = autocast_context(device, dtype, args.param_dtype)
+    cfg = model_config(args)
+    with FakeTensorMode() if fake else nullcontext():
+        if fake:  # Module.to() cannot move fake parameters: create them on the device
+            with torch.device(device):
+                model = build_model(cfg, args.param_dtype)
+        else:  # as main() does: built on the CPU, so the GPU never holds the fp32 weights of a bf16 run
+            model = build_model(cfg, args.param_dtype).to(device)
+        # what torch picks for real tensors (fake ones make it fall back to its for-loop)
+        optimizer = build_optimizer(model, args, verbose=False, foreach=device_type == "cuda")
+        tracker = MemoryTracker(model, optimizer)  # before the per-layer hooks: it must see each grad first
+        if args.per_layer:
+            attach_per_layer_updates(model, optimizer)
+        model.register_forward_pre_hook(lambda *_: setattr(tracker, "phase", f"{label}: forward"))
+        model.register_forward_hook(lambda *_: setattr(tracker, "phase", f"{label}: backward"))
+        next_batch = lambda: tuple(torch.randint(0, cfg.vocab_size, (args.batch_size, args.block_size),
+                                                 device=device) for _ in "xy")  # (x, y)
+        steps = [(0, "step 1 (states created" + (", projectors computed)" if args.optimizer == "galore"
+                                                 and not args.proj_start_steps else ")"))]
+        if args.optimizer == "galore":
+            s = args.proj_start_steps or args.update_proj_gap
+            steps.append((s, f"step {s + 1} (" + ("switch to low rank)" if args.proj_start_steps else "refresh)")))
+        else:
+            steps.append((1, "step 2"))
+        with tracker:
+            for s, label in steps:
+                optimizer.steps_taken = s  # GaLoreAdamW's schedule counter (ignored by torch's AdamW)
+                forward_backward(model, next_batch, args.grad_accum, ctx)
+                tracker.phase = f"{label}: optimizer step"
+                optimizer_step(model, optimizer, args.grad_clip, args.per_layer)
+        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+        return dict(size=args.size, optimizer=args.optimizer, rank=args.rank if args.optimizer == "galore" else None,
+                    per_layer=args.per_layer, param_dtype=args.param_dtype, autocast=dtype,
+                    activation_checkpointing=args.activation_checkpointing, batch_size=args.batch_size,
+                    block_size=args.block_size, grad_accum=args.grad_accum, params=model.num_params(),
+                    peak_bytes=tracker.peak, peak_phase=tracker.peak_phase, bytes=tracker.peak_breakdown(),
+                    weight_bytes=weights, state_bytes=optimizer_state_bytes(optimizer), end_bytes=tracker.now,
+                    phase_peaks=dict(tracker.phase_peaks))
+
+
+def gpu_memory_problem(args, device):
+    """On CUDA, before the data and the model are loaded: None if the planned peak fits the GPU's free memory,
+    else one line naming the flags with which it would fit (each candidate is planned too, in seconds)."""
+    free = torch.cuda.mem_get_info(device)[0]
+    need = lambda a: plan_memory(a, "cuda")["peak_bytes"] * GPU_OVERHEAD
+    planned = need(args)
+    if planned <= free:
+        return None
+    candidates, changes = [], {}
+    for flag, change in (("--activation_checkpointing", dict(activation_checkpointing=True)),
+                         ("--param_dtype bfloat16", dict(param_dtype="bfloat16")),
+                         ("--per_layer", dict(per_layer=True, grad_clip=0.0)) if args.grad_accum == 1 else (None, {}),
+                         (f"--batch_size 1 --grad_accum {args.batch_size * args.grad_accum}",
+                          dict(batch_size=1, grad_accum=args.batch_size * args.grad_accum, per_layer=False))):
+        if flag and any(getattr(args, k) != v for k, v in change.items()):
+            changes.update(change)
+            candidates.append((flag, argparse.Namespace(**{**vars(args), **changes})))
+    for i, (_, a) in enumerate(candidates):
+        if not check_args(a, model_config(a), 1) and (fit := need(a)) <= free:
+            flags = " ".join(f for f, _ in candidates[:i + 1])
+            return (f"this run needs about {planned / 1e9:.1f} GB of GPU memory but {free / 1e9:.1f} GB are free; "
+                    f"with {flags} it needs about {fit / 1e9:.1f} GB (details: add --plan)")
+    return (f"this run needs about {planned / 1e9:.1f} GB of GPU memory but {free / 1e9:.1f} GB are free, and no "
+            f"memory switch makes it fit; use a smaller --size or --rank (details: add --plan)")
+
+
+def print_plan(plan):
+    gb = lambda b: f"{b / 1e9:6.2f} GB"
+    print(f"memory plan: {plan['size']} ({plan['params']:,} parameters), {plan['optimizer']}"
+          + (f" rank {plan['rank']}" if plan["rank"] else "") + f", {plan['param_dtype']} weights"
+          + (", per-layer updates" if plan["per_layer"] else "")
+          + (", activation checkpointing" if plan["activation_checkpointing"] else "")
+          + f", batch {plan['batch_size']} x {plan['block_size']} tokens")
+    print(f"peak {gb(plan['peak_bytes'])} of tensors, during {plan['peak_phase']}; at that moment:")
+    for category, b in plan["bytes"].items():
+        print(f"  {category:<16} {gb(b)}")
+    print("peak of each phase:")
+    for phase, b in plan["phase_peaks"].items():
+        if phase != "setup":
+            print(f"  {phase:<55} {gb(b)}")
+    print("(tensor bytes only: on a GPU add the CUDA context and allocator overhead, see the README)")
 
 
 @torch.no_grad()
@@ -204,8 +357,13 @@ def main(argv=None):
     master = rank == 0
     fail = lambda msg: sys.exit(f"train.py: error: {msg}")
 
-    cfg = LlamaConfig(**{**PRESETS[args.size], "block_size": args.block_size,
-                         "activation_checkpointing": args.activation_checkpointing})
+    cfg = model_config(args)
+    if (msg := check_args(args, cfg, world_size)):
+        fail(msg)
+    if args.plan:  # needs no data, no checkpoint and no GPU
+        device = args.device if args.device != "auto" else "cuda"
+        print_plan(plan_memory(args, torch.device(device).type))
+        return
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     ckpt = None
     if args.resume:
@@ -217,8 +375,6 @@ def main(argv=None):
                  f"{ckpt['config']['block_size']}); use the same --size/--block_size or another --out_dir")
     elif os.path.exists(ckpt_path):  # never overwrite an earlier run's checkpoint by accident
         fail(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir")
-    if (msg := check_args(args, cfg, world_size)):
-        fail(msg)
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
@@ -230,8 +386,9 @@ def main(argv=None):
     device_type = torch.device(args.device).type
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ctx = (nullcontext() if args.dtype == "float32" or args.param_dtype == "bfloat16"
-           else torch.autocast(device_type, dtype=torch.bfloat16))
+    ctx = autocast_context(device_type, args.dtype, args.param_dtype)
+    if device_type == "cuda" and not ddp and (msg := gpu_memory_problem(args, args.device)):
+        fail(msg)  # before the data and the model: an out-of-memory error minutes later says less
 
     try:  # the data: prepared once (by rank 0 under DDP), then memmapped
         if master and (args.input or not is_complete(args.data_dir)):  # prepare() refuses to mix sources
@@ -244,11 +401,7 @@ def main(argv=None):
         fail(e)
 
     torch.manual_seed(args.seed)
-    model = Llama(cfg)
-    if args.param_dtype == "bfloat16":
-        for p in model.parameters():  # parameters only: the RoPE tables stay fp32
-            p.data = p.data.to(torch.bfloat16)
-    model.to(args.device)
+    model = build_model(cfg, args.param_dtype).to(args.device)
     if master:
         print(f"model {args.size}: {model.num_params():,} parameters, {cfg}")
     optimizer = build_optimizer(model, args, verbose=master)
@@ -319,15 +472,9 @@ def main(argv=None):
             break
 
         t0 = time.time()  # time the training step only: evals and checkpoints are not tokens/s
-        for micro in range(args.grad_accum):
-            if ddp:  # all-reduce the gradients on the last micro-step only
-                model.require_backward_grad_sync = micro == args.grad_accum - 1
-            x, y = get_batch(args.data_dir, "train", args.batch_size, args.block_size, args.device, gen,
-                             rank=rank, world_size=world_size)
-            with ctx:
-                _, loss = model(x, y)
-            (loss / args.grad_accum).backward()
-        loss = loss.detach()
+        next_batch = lambda: get_batch(args.data_dir, "train", args.batch_size, args.block_size, args.device, gen,
+                                       rank=rank, world_size=world_size)
+        loss = forward_backward(model, next_batch, args.grad_accum, ctx, ddp)
         if ddp:  # the mean over ranks: what is logged, and the same NaN verdict on every rank
             dist.all_reduce(loss, op=dist.ReduceOp.SUM)
             loss /= world_size
@@ -337,12 +484,8 @@ def main(argv=None):
                 print(f"train.py: error: loss is {lossf} at step {it}; stopping. The last good checkpoint is "
                       f"kept in {ckpt_path}; try a lower --lr", file=sys.stderr)
             sys.exit(1)
-        norm = None
-        if not args.per_layer:
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0
-                                                  else float("inf")).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        norm = optimizer_step(model, optimizer, args.grad_clip, args.per_layer)
+        norm = None if norm is None else norm.item()
 
         if device_type == "cuda":
             torch.cuda.synchronize()
