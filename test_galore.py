@@ -816,6 +816,14 @@ def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch):
                    f"free; with --activation_checkpointing it needs about {ckpt / 1e9:.1f} GB (details: add --plan)")
     free["bytes"] = ckpt_bf16 + 1  # the switches are tried cumulatively, in order
     assert "with --activation_checkpointing --param_dtype bfloat16 it needs" in gpu_memory_problem(args, "cuda")
+    # Smaller micro-batches are the alternative to per-layer updates (which cannot accumulate gradients), never
+    # suggested together with them.
+    b1 = plan_memory(_plan_args(monkeypatch, "--batch_size", "1", "--grad_accum", "8", "--block_size", "128",
+                                "--optimizer", "adamw", "--activation_checkpointing", "--param_dtype", "bfloat16"),
+                     "cuda")["peak_bytes"] * 1.15
+    free["bytes"] = b1 + 1
+    msg = gpu_memory_problem(args, "cuda")
+    assert "with --activation_checkpointing --param_dtype bfloat16 --batch_size 1 --grad_accum 8 it" in msg
     free["bytes"] = 1e6  # every switch already on: nothing left to suggest
     args = _plan_args(monkeypatch, "--batch_size", "1", "--per_layer", "--param_dtype", "bfloat16",
                       "--activation_checkpointing")

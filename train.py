@@ -246,23 +246,31 @@ def gpu_memory_problem(args, device):
     else one line naming the flags with which it would fit (each candidate is planned too, in seconds)."""
     free = torch.cuda.mem_get_info(device)[0]
     need = lambda a: plan_memory(a, "cuda")["peak_bytes"] * GPU_OVERHEAD
-    planned = need(args)
+    try:
+        planned = need(args)
+    except Exception as e:  # a run the planner cannot plan still runs
+        print(f"memory plan skipped ({type(e).__name__}: {str(e)[:200]})")
+        return None
     if planned <= free:
         return None
-    candidates, changes = [], {}
+    # The switches, cumulatively; per-layer updates and smaller micro-batches are alternatives (per-layer
+    # updates cannot accumulate gradients).
+    candidates, flags, changes = [], [], {}
     for flag, change in (("--activation_checkpointing", dict(activation_checkpointing=True)),
-                         ("--param_dtype bfloat16", dict(param_dtype="bfloat16")),
-                         ("--per_layer", dict(per_layer=True, grad_clip=0.0)) if args.grad_accum == 1 else (None, {}),
-                         (f"--batch_size 1 --grad_accum {args.batch_size * args.grad_accum}",
-                          dict(batch_size=1, grad_accum=args.batch_size * args.grad_accum, per_layer=False))):
-        if flag and any(getattr(args, k) != v for k, v in change.items()):
-            changes.update(change)
-            candidates.append((flag, argparse.Namespace(**{**vars(args), **changes})))
-    for i, (_, a) in enumerate(candidates):
+                         ("--param_dtype bfloat16", dict(param_dtype="bfloat16"))):
+        if any(getattr(args, k) != v for k, v in change.items()):
+            flags, changes = flags + [flag], {**changes, **change}
+            candidates.append((flags, changes))
+    if args.grad_accum == 1 and not args.per_layer:
+        candidates.append((flags + ["--per_layer"], {**changes, "per_layer": True, "grad_clip": 0.0}))
+    if args.batch_size > 1 and not args.per_layer:  # the same tokens per step, in micro-batches of one
+        n = args.batch_size * args.grad_accum
+        candidates.append((flags + [f"--batch_size 1 --grad_accum {n}"], {**changes, "batch_size": 1, "grad_accum": n}))
+    for flags, changes in candidates:
+        a = argparse.Namespace(**{**vars(args), **changes})
         if not check_args(a, model_config(a), 1) and (fit := need(a)) <= free:
-            flags = " ".join(f for f, _ in candidates[:i + 1])
             return (f"this run needs about {planned / 1e9:.1f} GB of GPU memory but {free / 1e9:.1f} GB are free; "
-                    f"with {flags} it needs about {fit / 1e9:.1f} GB (details: add --plan)")
+                    f"with {' '.join(flags)} it needs about {fit / 1e9:.1f} GB (details: add --plan)")
     return (f"this run needs about {planned / 1e9:.1f} GB of GPU memory but {free / 1e9:.1f} GB are free, and no "
             f"memory switch makes it fit; use a smaller --size or --rank (details: add --plan)")
 
