@@ -186,6 +186,9 @@ def optimizer_step(model, optimizer, grad_clip, per_layer):
     norm = None
     if not per_layer:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+        if not torch.isfinite(norm):  # never apply a non-finite update: the caller stops the run
+            optimizer.zero_grad(set_to_none=True)
+            return norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return norm
@@ -329,6 +332,12 @@ def replicas_agree(model):
     return all(torch.equal(f, all_fp[0]) for f in all_fp)
 
 
+def all_finite(model, optimizer):
+    """Whether every weight and optimizer-state tensor is finite: what may be written over a good checkpoint."""
+    state = [t for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+    return all(torch.isfinite(t).all() for t in [*model.parameters(), *state])
+
+
 def save_atomic(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -438,8 +447,14 @@ def main(argv=None):
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))  # stop at the next step boundary
 
+    def nonfinite(what, step):  # exits; under torchrun the other ranks are then stopped by the launcher
+        kept = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "nothing was saved"
+        fail(f"{what} at step {step}; stopping before it can be saved: {kept}. Try a lower --lr")
+
     def checkpoint(step):
         if master:
+            if not all_finite(raw_model, optimizer):  # never replace a good checkpoint with a broken one
+                nonfinite("the weights or optimizer states are no longer finite", step)
             rng = {"batch": gen.get_state(), "torch": torch.get_rng_state()}
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                          "config": asdict(cfg), "args": vars(args), "step": step, "log": log, "rng": rng},
@@ -466,6 +481,8 @@ def main(argv=None):
                 print(f"step {it}: weights identical on all {world_size} ranks")
         if is_eval and master:
             val = evaluate(raw_model, args.data_dir, "val", args, args.device, ctx)
+            if not math.isfinite(val):
+                nonfinite(f"validation loss is {val}", it)
             write_log({"step": it, "val_loss": val, "val_ppl": math.exp(val),
                        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None})
             print(f"step {it}: val loss {val:.4f}, perplexity {math.exp(val):.1f}")
@@ -494,6 +511,8 @@ def main(argv=None):
             sys.exit(1)
         norm = optimizer_step(model, optimizer, args.grad_clip, args.per_layer)
         norm = None if norm is None else norm.item()
+        if norm is not None and not math.isfinite(norm):  # not applied: the weights are still those of step `it`
+            nonfinite(f"gradient norm is {norm}", it)
 
         if device_type == "cuda":
             torch.cuda.synchronize()
