@@ -180,13 +180,14 @@ def forward_backward(model, next_batch, grad_accum, ctx, ddp=False):
     return mean_loss
 
 
-def optimizer_step(model, optimizer, grad_clip, per_layer):
+def optimizer_step(model, optimizer, grad_clip, per_layer, check_finite=True):
     """Clip, step, free the gradients. Returns the global grad norm before clipping (a tensor), or None with
-    per-layer updates (every weight was already updated inside backward, and no gradient is left)."""
+    per-layer updates (every weight was already updated inside backward, and no gradient is left).
+    check_finite=False only for the memory plan: fake tensors have no values to check."""
     norm = None
     if not per_layer:
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-        if not torch.isfinite(norm):  # never apply a non-finite update: the caller stops the run
+        if check_finite and not torch.isfinite(norm):  # never apply a non-finite update: the caller stops
             optimizer.zero_grad(set_to_none=True)
             return norm
     optimizer.step()
@@ -233,7 +234,7 @@ def plan_memory(args, device_type, fake=True):
                 optimizer.steps_taken = s  # GaLoreAdamW's schedule counter (ignored by torch's AdamW)
                 forward_backward(model, next_batch, args.grad_accum, ctx)
                 tracker.phase = f"{label}: optimizer step"
-                optimizer_step(model, optimizer, args.grad_clip, args.per_layer)
+                optimizer_step(model, optimizer, args.grad_clip, args.per_layer, check_finite=False)
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         return dict(size=args.size, optimizer=args.optimizer, rank=args.rank if args.optimizer == "galore" else None,
                     per_layer=args.per_layer, param_dtype=args.param_dtype, autocast=dtype,
