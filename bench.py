@@ -53,6 +53,11 @@ PLAN_VARIANTS = {  # name: train.py flags
 GPUS_GB = (8, 12, 16, 24)  # common laptop / desktop GPU memory sizes
 
 
+def write_json(obj, path):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -85,7 +90,7 @@ def bench_one(size, variant, args, device):
         attach_per_layer_updates(model, optimizer)
     svd_s = [0.0]  # time inside projector computations (SVDs): the cost of the refreshes
     if opt_name == "galore":
-        projector = optimizer._projector
+        projector = optimizer.projector
         def timed_projector(G, r, svd):
             sync(device)
             t0 = time.perf_counter()
@@ -93,7 +98,7 @@ def bench_one(size, variant, args, device):
             sync(device)
             svd_s[0] += time.perf_counter() - t0
             return P
-        optimizer._projector = timed_projector  # an instance attribute: _update() calls this one
+        optimizer.projector = timed_projector  # an instance attribute: _update() calls this one
     ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and pdtype == torch.float32
            else torch.autocast("cpu", enabled=False))
     compiled = torch.compile(model) if args.compile else model
@@ -148,8 +153,8 @@ def svd_bench(args, device):
         V = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
         G = ((U / torch.arange(1, k + 1)) @ V.T + 1e-3 * torch.randn(m, n, generator=g)).to(device)
         timings = {}
-        for name, fn in (("full", lambda: GaLoreAdamW._projector(G, r, "full")),
-                         ("randomized", lambda: GaLoreAdamW._projector(G, r, "randomized"))):
+        for name, fn in (("full", lambda: GaLoreAdamW.projector(G, r, "full")),
+                         ("randomized", lambda: GaLoreAdamW.projector(G, r, "randomized"))):
             fn()
             sync(device)
             ts = []
@@ -160,7 +165,8 @@ def svd_bench(args, device):
                 ts.append(time.perf_counter() - t0)
             timings[name] = statistics.median(ts)
         energy = lambda P: GaLoreAdamW.project(G, P).norm() ** 2  # |R|^2: the gradient the subspace keeps
-        ratio = energy(GaLoreAdamW._projector(G, r, "randomized")) / energy(GaLoreAdamW._projector(G, r, "full"))
+        ratio = (energy(GaLoreAdamW.projector(G, r, "randomized"))
+                 / energy(GaLoreAdamW.projector(G, r, "full")))
         rows.append(dict(shape=f"{m}x{n}", rank=r, full_ms=1e3 * timings["full"],
                          randomized_ms=1e3 * timings["randomized"], speedup=timings["full"] / timings["randomized"],
                          energy_ratio=ratio.item()))
@@ -216,7 +222,8 @@ def plan_chart(rows, path):
         ax.axhline(gb, color="gray", lw=0.8, ls="--")
         ax.text(min(r["params"] for r in rows) / 1e9, gb, f" {gb} GB GPU", va="bottom", fontsize=8, color="gray")
     ax.set(xscale="log", yscale="log", xlabel="model (parameters)", ylabel="planned peak (GB of tensors)",
-           title=f"What fits where: simulated peak memory, batch {rows[0]['batch_size']} x {rows[0]['block_size']} tokens")
+           title="What fits where: simulated peak memory, "
+                 f"batch {rows[0]['batch_size']} x {rows[0]['block_size']} tokens")
     sizes = {r["size"]: r["params"] / 1e9 for r in rows}
     ax.set_xticks(list(sizes.values()), [f"{s}\n{p:.2f}B" for s, p in sizes.items()], minor=False)
     ax.set_xticks([], minor=True)
@@ -278,13 +285,13 @@ def main():
     meta = dict(device=device_name, torch=torch.__version__, batch_size=args.batch_size,
                 block_size=args.block_size, activation_checkpointing=args.activation_checkpointing)
     if args.svd:
-        json.dump(dict(meta, svd=svd_bench(args, device)), open(args.out, "w"), indent=1)
+        write_json(dict(meta, svd=svd_bench(args, device)), args.out)
         return
     if args.plan:
         if args.variants == ",".join(VARIANTS):
             args.variants = ",".join(PLAN_VARIANTS)
         rows = plan_sweep(args, device)
-        json.dump(dict(meta, plans=rows), open(args.out, "w"), indent=1)
+        write_json(dict(meta, plans=rows), args.out)
         plan_chart(rows, args.out.rsplit(".", 1)[0] + ".png")
         print(f"wrote {args.out} and {args.out.rsplit('.', 1)[0]}.png")
         return
@@ -302,7 +309,7 @@ def main():
                   f"{f(r['peak_mb'], '8.0f'):>8} {r['tokens_per_s']:8.0f} {r['tokens_per_s_amortized']:10.0f} "
                   f"{f(r['opt_step_ms'], '7.1f'):>7} {f(r['opt_step_amortized_ms'], '8.1f'):>8} "
                   f"{r['refresh_ms']:10.1f}", flush=True)
-    json.dump(dict(meta, results=results), open(args.out, "w"), indent=1)
+    write_json(dict(meta, results=results), args.out)
     chart(results, args.out.rsplit(".", 1)[0] + ".png", device_name)
     print(f"wrote {args.out} and {args.out.rsplit('.', 1)[0]}.png")
 

@@ -78,7 +78,8 @@ def read_text_files(paths):
     docs = []
     for path in paths:
         try:
-            raw = open(path, "rb").read()
+            with open(path, "rb") as f:
+                raw = f.read()
         except OSError as e:
             raise DataError(f"cannot read --input {path}: {e.strerror}") from None
         if b"\x00" in raw:
@@ -97,7 +98,8 @@ def read_text_files(paths):
 
 def is_complete(data_dir):
     try:
-        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
         return all(os.path.getsize(os.path.join(data_dir, f"{s}.bin")) == 2 * meta[f"{s}_tokens"] for s in SPLITS)
     except (OSError, ValueError, KeyError):
         return False
@@ -113,7 +115,8 @@ def prepare(data_dir, inputs=None, tokenizer="gpt2", num_threads=None):
     """Build train/val/test.bin and meta.json in data_dir unless complete files are there. Returns the meta."""
     source = "wikitext-103-raw-v1" if not inputs else "files: " + " ".join(os.path.abspath(p) for p in inputs)
     if is_complete(data_dir):
-        meta = json.load(open(os.path.join(data_dir, "meta.json")))
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            meta = json.load(f)
         if meta["source"] != source:
             raise DataError(f"{data_dir} already holds data from {meta['source']}; choose another --data_dir "
                             "(nothing was changed)")
@@ -144,7 +147,10 @@ def prepare(data_dir, inputs=None, tokenizer="gpt2", num_threads=None):
         write_atomic(os.path.join(data_dir, f"{s}.bin"), arr.tofile)
     meta = dict(source=source, tokenizer=tokenizer, dtype="uint16", vocab_size=enc.n_vocab, eot=enc.eot_token,
                 **{f"{s}_tokens": int(len(arr)) for s, arr in splits.items()})
-    write_atomic(os.path.join(data_dir, "meta.json"), lambda p: json.dump(meta, open(p, "w"), indent=1))
+    def write_meta(path):
+        with open(path, "w") as f:  # closed, so flushed, before write_atomic renames it
+            json.dump(meta, f, indent=1)
+    write_atomic(os.path.join(data_dir, "meta.json"), write_meta)
     print(f"wrote {data_dir}: " + ", ".join(f"{s} {meta[f'{s}_tokens']:,} tokens" for s in SPLITS))
     return meta
 

@@ -18,8 +18,8 @@ or with hand-made groups in the official format (a group with a 'rank' key is pr
 
 Why it saves memory. AdamW keeps two moments per weight, so an m x n matrix costs 2mn extra numbers.
 GaLore projects the gradient G (m x n) onto r directions, R = G P^T or P^T G, runs Adam on R, and maps the
-Adam step back to m x n. The moments are then m x r (or r x n) and P is r x n (or m x r): for r << min(m, n)
-the optimizer state of the matrix shrinks from 2mn to 3 max(m,n) r numbers. The weights themselves stay full
+Adam step back to m x n. The moments are then m x r (or r x n) and P is r x n (or m x r): the optimizer state
+of the matrix shrinks from 2mn to 2 r max(m, n) + r min(m, n) numbers. The weights themselves stay full
 rank: every refresh of P (every T steps) opens a new subspace, so the sum of many low-rank steps is not
 low rank.
 """
@@ -38,8 +38,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
         G  = dL/dW                                      (m x n)     p.grad
         if t is a refresh step (see schedule below):
-            U, S, V^T = svd(G)                                      fp32, _projector()
-            P = V^T[:r]      (r x n)  if m >= n  ("right": R = G P^T)
+            U, S, Vh = svd(G)       (Vh: right singular vectors as rows; V is the second moment)  fp32, projector()
+            P = Vh[:r]       (r x n)  if m >= n  ("right": R = G P^T)
             P = U[:, :r]     (m x r)  if m <  n  ("left":  R = P^T G)
             M = V = 0, k = 0 if reset_on_update                     (k: the moments' age)
         R  = G P^T (m x r)   or   P^T G (r x n)                     project()
@@ -52,6 +52,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     A parameter in a group without 'rank' takes the same loop with P = identity and alpha = 1, which is
     exactly torch.optim.AdamW (same order of operations: decay first, eps added after bias correction).
+    `_update` carries each statement of the paper's Algorithm 1 as a comment on the line that does it.
+
+    Which side. The rule is the paper's 'std': P spans the smaller side, so M and V (the size of R) keep the
+    larger one, 2 r max(m, n) + r min(m, n) numbers. Projecting the other way would store fewer, r max + 2 r min
+    (2048 x 768 at r = 128: 458,752 instead of 622,592), and R would hold the same gradient energy (both sides'
+    top-r singular vectors keep sigma_1..sigma_r), but Adam's elementwise normalization would act on other
+    coordinates. We keep the paper's rule because its results were measured with it; the other is unmeasured.
 
     Schedule. One optimizer-level counter, s = number of steps already taken, decides for every matrix:
       * s < proj_start_steps: full-rank warmup, every parameter is plain AdamW (full-size moments);
@@ -136,8 +143,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     # -- projection: one rule from the shape ---------------------------------------------------------------
     @staticmethod
-    def _projector(G, rank, svd="full"):
-        """Top-`rank` singular vectors of G (m x n): P (r x n) if m >= n, else P (m x r)."""
+    def projector(G, rank, svd="full"):
+        """P for G (m x n): its top-`rank` right singular vectors as rows, r x n, if m >= n; else its top-`rank`
+        left singular vectors as columns, m x r. P has orthonormal rows (or columns) and is in G's dtype.
+        svd="randomized" approximates them with torch.svd_lowrank. A staticmethod: call it on any matrix, or
+        override it on an instance to time or record the refreshes (bench.py, the tests)."""
         # SVD in fp32 whatever the parameter dtype: bf16 SVD is not supported and would be too coarse anyway.
         if svd == "full":
             U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)  # U (m, k), Vh (k, n), k = min(m, n)
@@ -199,7 +209,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._update(p, self.param_groups[g], i)
 
     def _update(self, p, group, i):
-        G = p.grad  # (m, n) for a matrix; any shape for an unprojected parameter
+        G = p.grad  # (m, n) for a matrix; any shape for an unprojected parameter      Alg. 1: G_t = grad of phi_t(W_t)
         if G.is_sparse:
             raise RuntimeError(f"GaLoreAdamW does not support sparse gradients (parameter {_name(group, i)}); "
                                "use dense gradients, e.g. nn.Embedding(sparse=False)")
@@ -211,8 +221,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if projected:
             s = self.steps_taken - self.proj_start_steps  # steps since the switch to low rank
             first = "P" not in state  # the switch (or this matrix missed it: it had no gradient then)
-            if first or s % group["update_proj_gap"] == 0:
-                state["P"] = self._projector(G, group["rank"], group["svd"])  # (r, n) or (m, r)
+            if first or s % group["update_proj_gap"] == 0:                     # Alg. 1: if t mod T = 0
+                # Alg. 1: U, S, V = SVD(G_t); P_t = U[:, :r] (the paper writes the m <= n case); else P_t = P_t-1
+                state["P"] = self.projector(G, group["rank"], group["svd"])  # (r, n) or (m, r)
                 if first or self.reset_on_update:
                     # Zeroing the moments alone would not do: Adam divides by (1 - beta^k) to undo their
                     # zero start, and with k still large that correction is ~1. The first update would then
@@ -221,7 +232,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     # At the switch this also frees the full-rank (m, n) moments of the warmup.
                     for key in ("exp_avg", "exp_avg_sq", "step"):
                         state.pop(key, None)
-            R = self.project(G, state["P"])  # (m, r) or (r, n)
+            R = self.project(G, state["P"])  # (m, r) or (r, n)                    Alg. 1: R_t = P_t^T G_t
             alpha = group["scale"]
 
         if "step" not in state:
@@ -232,15 +243,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state["step"] += 1
         k = state["step"]
 
-        M.lerp_(R, 1 - beta1)                                  # M = beta1 M + (1 - beta1) R
-        V.mul_(beta2).addcmul_(R, R, value=1 - beta2)          # V = beta2 V + (1 - beta2) R^2
-        bias_correction1 = 1 - beta1 ** k
-        bias_correction2 = 1 - beta2 ** k
+        M.lerp_(R, 1 - beta1)                                  # Alg. 1: M_t = beta1 M_t-1 + (1 - beta1) R_t
+        V.mul_(beta2).addcmul_(R, R, value=1 - beta2)          # Alg. 1: V_t = beta2 V_t-1 + (1 - beta2) R_t^2
+        bias_correction1 = 1 - beta1 ** k                      # Alg. 1: M_t = M_t / (1 - beta1^t), applied below
+        bias_correction2 = 1 - beta2 ** k                      # Alg. 1: V_t = V_t / (1 - beta2^t), applied here:
         denom = (V.sqrt() / math.sqrt(bias_correction2)).add_(eps)  # sqrt(V_hat) + eps
 
         p.mul_(1 - lr * wd)                                    # decoupled weight decay on the full W
         if projected:
-            N = M / denom / bias_correction1                   # normalized update in r-space
+            N = M / denom / bias_correction1                   # Alg. 1: N_t = M_t / (sqrt(V_t) + eps), r-space
+            # Alg. 1: G~_t = alpha P_t N_t; W_t = W_t-1 + eta G~_t (the paper's G_t is the negative gradient)
             p.add_(self.project_back(N, state["P"], p.shape), alpha=-lr * alpha)
         else:
             p.addcdiv_(M, denom, value=-lr / bias_correction1)  # plain AdamW, the same numbers as torch's

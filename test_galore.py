@@ -34,9 +34,9 @@ class RecordingGaLore(GaLoreAdamW):
         super().__init__(*a, **kw)
         self.refreshes = []
 
-    def _projector(self, G, rank, svd):
+    def projector(self, G, rank, svd):
         self.refreshes.append((self.steps_taken, tuple(G.shape)))
-        return GaLoreAdamW._projector(G, rank, svd)
+        return GaLoreAdamW.projector(G, rank, svd)
 
 
 # ------------------------------------------------------------------------------- equality with AdamW
@@ -118,7 +118,7 @@ def test_P_owns_exactly_its_numbers(monkeypatch, shape, row_major):
     if row_major:
         svd = torch.linalg.svd
         monkeypatch.setattr(torch.linalg, "svd", lambda A, **kw: tuple(t.contiguous() for t in svd(A, **kw)))
-    P = GaLoreAdamW._projector(torch.randn(*shape), 3)
+    P = GaLoreAdamW.projector(torch.randn(*shape), 3)
     assert P.shape == ((3, 12) if shape[0] >= shape[1] else (12, 3)) and P.is_contiguous()
     assert P.untyped_storage().nbytes() == P.numel() * P.element_size()
 
@@ -130,7 +130,7 @@ def test_randomized_svd_projector_is_orthonormal_and_close_to_exact(shape):
     U = torch.linalg.qr(torch.randn(shape[0], k, generator=g))[0]
     V = torch.linalg.qr(torch.randn(shape[1], k, generator=g))[0]
     G = (U / torch.arange(1, k + 1)) @ V.T
-    P_exact, P_rand = GaLoreAdamW._projector(G, 4, "full"), GaLoreAdamW._projector(G, 4, "randomized")
+    P_exact, P_rand = GaLoreAdamW.projector(G, 4, "full"), GaLoreAdamW.projector(G, 4, "randomized")
     assert P_rand.shape == P_exact.shape
     gram = P_rand @ P_rand.T if shape[0] >= shape[1] else P_rand.T @ P_rand
     torch.testing.assert_close(gram, torch.eye(4), atol=1e-5, rtol=0)
@@ -255,7 +255,7 @@ def test_state_bytes_125M_rank128_equal_hand_count():
     assert model.num_params() == 123_587_328
     class CheapProjector(GaLoreAdamW):  # the state's shapes, not the SVD, are under test: skip 84 SVDs
         @staticmethod
-        def _projector(G, rank, svd):
+        def projector(G, rank, svd):
             m, n = G.shape
             return torch.eye(n)[:rank] if m >= n else torch.eye(m)[:, :rank]
     opt = CheapProjector(galore_param_groups(model, rank=128, verbose=False), lr=1e-3)
