@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
-from llama import PRESETS, Llama, LlamaConfig, apply_rope, rope_tables
+from llama import PRESETS, Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -51,8 +51,8 @@ def test_no_rank_group_matches_torch_adamw(weight_decay):
             o.param_groups[0]["lr"] = 1e-2 * (1 - step / 20)
         set_grads(ours, step), set_grads(ref, step)
         opt.step(), opt_ref.step()
-    for p, q in zip(ours, ref):
-        torch.testing.assert_close(p, q)
+    for p, q in zip(ours, ref):  # "AdamW to the last bit" (README, train.py): bit-identical, not just close
+        assert torch.equal(p, q)
     assert not torch.equal(ours[0], make_params(shapes)[0])  # it did train
 
 
@@ -66,7 +66,7 @@ def test_full_rank_warmup_matches_adamw_then_switches_to_low_rank():
         set_grads(ours, step), set_grads(ref, step)
         opt.step(), opt_ref.step()
         for p, q in zip(ours, ref):
-            torch.testing.assert_close(p, q)
+            assert torch.equal(p, q)
         assert opt.state[ours[0]]["exp_avg"].shape == (16, 12)  # full-rank moments during warmup
     full_bytes = optimizer_state_bytes(opt)
     set_grads(ours, 5)
@@ -85,7 +85,7 @@ def test_rank_not_below_min_dim_trains_full_rank_like_adamw():
         set_grads(ours, step), set_grads(ref, step)
         opt.step(), opt_ref.step()
     for p, q in zip(ours, ref):
-        torch.testing.assert_close(p, q)
+        assert torch.equal(p, q)
         assert "P" not in opt.state[p]
 
 
@@ -148,6 +148,34 @@ def test_update_is_alpha_times_projected_back_adam_step():
     R = W.grad @ P.T                    # (10, 2)
     N = R / R.abs()                     # first Adam step with eps=0 is sign(R)
     torch.testing.assert_close(W, W0 - 0.1 * 0.5 * (N @ P))
+
+
+def test_weight_decay_applies_to_the_full_projected_matrix():
+    (W,) = make_params([(10, 6)])
+    W0 = W.detach().clone()
+    opt = GaLoreAdamW([{"params": [W], "rank": 2, "scale": 0.5}], lr=0.1, eps=0.0, weight_decay=0.3)
+    set_grads([W], 0)
+    opt.step()
+    N = torch.sign(W.grad @ opt.state[W]["P"].T)  # first Adam step with eps=0: sign(R)
+    # Decoupled decay shrinks all of W (not only its projection), before the low-rank step is added.
+    torch.testing.assert_close(W, W0 * (1 - 0.1 * 0.3) - 0.1 * 0.5 * (N @ opt.state[W]["P"]), rtol=0, atol=1e-6)
+
+
+def test_warmup_then_switch_without_reset():
+    # reset_on_update=False keeps moments at refreshes, but the switch from full rank must still replace the
+    # (m, n) warmup moments with (m, r) ones and restart their age.
+    (W,) = make_params([(12, 8)])
+    opt = GaLoreAdamW([{"params": [W], "rank": 2, "update_proj_gap": 3}], lr=1e-2, proj_start_steps=2,
+                      reset_on_update=False)
+    for step in range(6):  # warmup 0, 1; switch at 2; refresh at 5
+        set_grads([W], step)
+        opt.step()
+        state = opt.state[W]
+        if step < 2:
+            assert state["exp_avg"].shape == (12, 8) and "P" not in state and state["step"] == step + 1
+        else:
+            assert state["exp_avg"].shape == (12, 2) and state["step"] == step - 1  # age restarted at the switch
+    assert optimizer_state_bytes(opt) == 4 * (2 * 12 * 2 + 2 * 8)  # only M, V (12 x 2) and P (2 x 8) are left
 
 
 # -------------------------------------------------------------------------------------- the schedule
@@ -651,6 +679,15 @@ def test_per_layer_updates_equal_normal_steps_across_lr_change_and_refresh():
         assert opt_n.state[p].keys() == opt_p.state[q].keys() and opt_n.state[p]["step"] == opt_p.state[q]["step"]
 
 
+def test_lr_schedule_values():
+    class A:
+        lr, min_lr, warmup_steps, steps = 1.0, 0.1, 10, 110
+    assert [get_lr(it, A) for it in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warmup to lr, reached at warmup - 1
+    assert get_lr(10, A) == 1.0                                   # cosine starts at lr
+    assert get_lr(60, A) == pytest.approx(0.55, abs=1e-12)        # halfway: the mean of lr and min_lr
+    assert get_lr(110, A) == pytest.approx(0.1, abs=1e-12) and get_lr(500, A) == pytest.approx(0.1, abs=1e-12)
+
+
 def test_bf16_parameters_train_with_bf16_states():
     model = _small_model()
     for p in model.parameters():
@@ -681,6 +718,39 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_activation_checkpointing_recomputes_each_block_in_backward():
+    calls = []
+    for ckpt in (False, True):
+        model = _small_model(activation_checkpointing=ckpt)
+        n = [0]
+        # A pre-hook: the recompute stops early once it has rebuilt what backward needs, so a post-hook would not
+        # see it.
+        model.layers[0].register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        model(torch.randint(0, 512, (2, 16)))[0].sum().backward()
+        calls.append(n[0])
+    assert calls == [1, 2]  # forward, then once more in backward: what saves the activations' memory
+
+
+def test_residual_projections_are_initialized_smaller():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**{**SMALL, "dim": 128, "hidden_dim": 256}))
+    for name, p in model.named_parameters():
+        if p.dim() == 2:  # wo and w2 write into the residual stream: std 0.02 / sqrt(2 n_layers) = 0.01
+            expected = 0.01 if name.endswith(("wo.weight", "w2.weight")) else 0.02
+            assert abs(p.std().item() - expected) < 0.1 * expected, name
+
+
+def test_rmsnorm_computes_in_fp32_for_bf16_inputs():
+    norm = RMSNorm(64, 1e-5).to(torch.bfloat16)  # as with --param_dtype bfloat16
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16) * 30
+    xf = x.float()
+    ref = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16) * norm.weight
+    out = norm(x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
 
 
 def test_train_memory_switches_end_to_end(corpus, tmp_path):
