@@ -268,6 +268,7 @@ def test_state_dict_weights_only_round_trip_continues_bit_identically():
 
 
 # ----------------------------------------------------------------------------------- memory accounting
+@pytest.mark.slow
 def test_state_bytes_125M_rank128_equal_hand_count():
     # Hand count (fp32, 4 bytes a number), 125M preset: C = 768, H = 2048, 12 layers, vocab 50304, tied.
     # Per layer, rank r = 128:
@@ -456,6 +457,7 @@ def corpus(tmp_path_factory):
     return tmp, data_dir
 
 
+@pytest.mark.slow
 def test_data_files_meta_and_idempotence(corpus):
     tmp, data_dir = corpus
     meta = json.load(open(os.path.join(data_dir, "meta.json")))
@@ -469,6 +471,7 @@ def test_data_files_meta_and_idempotence(corpus):
     assert os.path.getmtime(os.path.join(data_dir, "train.bin")) == before
 
 
+@pytest.mark.slow
 def test_data_bad_inputs(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "blob.bin").write_bytes(b"\x89PNG\x00\x01\x02")
@@ -483,6 +486,7 @@ def test_data_bad_inputs(tmp_path):
         check_fits(BigTokenizer())
 
 
+@pytest.mark.slow
 def test_missing_data_offline_says_how_to_go_on(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *TINY, "--data_dir", str(tmp_path / "none"),
@@ -514,6 +518,7 @@ def test_wikitext_lines_are_rejoined_into_articles():
                                          " = Tower = \n two \n"]
 
 
+@pytest.mark.slow
 def test_get_batch_is_seeded_shifted_and_split_by_rank(corpus):
     _, data_dir = corpus
     x, y = get_batch(data_dir, "train", 4, 16, generator=torch.Generator().manual_seed(0))
@@ -531,6 +536,7 @@ def read_log(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["galore", "adamw"])
 def test_train_end_to_end_loss_goes_down(corpus, tmp_path, optimizer):
     _, data_dir = corpus
@@ -550,6 +556,7 @@ def test_train_end_to_end_loss_goes_down(corpus, tmp_path, optimizer):
     assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["step"] == 40
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path):
     _, data_dir = corpus
     common = [*TINY, "--steps", "30", "--eval_interval", "10", "--update_proj_gap", "7", "--proj_start_steps",
@@ -575,6 +582,7 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path):
     assert [r["step"] for r in read_log(tmp_path / "a")] == [r["step"] for r in read_log(tmp_path / "b")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--size", "2B"], "invalid choice: '2B'"),
     (["--rank", "64"], "--rank 64 must be between 1 and the model width 64"),
@@ -592,6 +600,7 @@ def test_train_bad_flags_one_line_error(corpus, tmp_path, flags, message):
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     _, data_dir = corpus
     # Per-layer updates (no norm check) leave non-finite weights after a few steps of the LR warmup; no eval
@@ -617,6 +626,7 @@ def test_a_non_finite_gradient_norm_is_never_applied(optimizer):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     # Per-layer updates apply each gradient inside backward: lr 1e6 leaves non-finite weights after step 1's
     # backward (its loss, computed before, is finite), and the NaN first shows on the eval of step 2.
@@ -753,6 +763,7 @@ def test_rmsnorm_computes_in_fp32_for_bf16_inputs():
     assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
 
 
+@pytest.mark.slow
 def test_train_memory_switches_end_to_end(corpus, tmp_path):
     _, data_dir = corpus
     run("train.py", *TINY, "--steps", "12", "--eval_interval", "12", "--per_layer", "--param_dtype", "bfloat16",
@@ -789,6 +800,7 @@ def _ddp_worker(rank, port, results):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_projectors_agree_even_if_svd_signs_differ():
     import socket
     with socket.socket() as s:
@@ -801,6 +813,7 @@ def test_ddp_projectors_agree_even_if_svd_signs_differ():
     assert results[2] is False and results[3] is False                  # the check sees a 1-number drift
 
 
+@pytest.mark.slow
 def test_torchrun_ddp_equals_single_process_on_the_same_global_batch(corpus, tmp_path):
     _, data_dir = corpus
     common = [*TINY, "--steps", "8", "--eval_interval", "4", "--update_proj_gap", "3", "--grad_accum", "2",
@@ -823,6 +836,7 @@ def test_torchrun_ddp_equals_single_process_on_the_same_global_batch(corpus, tmp
     assert val[-1] < val[0] - 2.0  # and it trained
 
 
+@pytest.mark.slow
 def test_per_layer_with_ddp_is_refused(corpus, tmp_path):
     _, data_dir = corpus
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -831,6 +845,7 @@ def test_per_layer_with_ddp_is_refused(corpus, tmp_path):
     assert p.returncode != 0 and "--per_layer is not supported with DDP" in p.stderr
 
 
+@pytest.mark.slow
 def test_bench_writes_table_json_and_chart(tmp_path):
     out = tmp_path / "b.json"
     p = run("bench.py", "--sizes", "tiny", "--variants", "adamw,galore,galore_pl", "--steps", "3", "--block_size",
@@ -856,6 +871,7 @@ def _plan_args(monkeypatch, *flags, size="4M"):
                      "--block_size", "32", *flags])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size, variant", [("4M", v) for v in PLAN_VARIANTS] + [("tiny", "adamw"),
                                                                                  ("tiny", "galore_pl_bf16_ckpt")])
 def test_plan_on_fake_tensors_equals_the_same_steps_on_real_tensors(monkeypatch, size, variant):
@@ -899,6 +915,7 @@ def test_plan_memory_switches_cut_what_they_claim(monkeypatch):
     assert fwd(ckpt) < 0.5 * fwd(base)
 
 
+@pytest.mark.slow
 def test_train_plan_needs_no_data_and_prints_the_breakdown(tmp_path):
     p = run("train.py", "--size", "tiny", "--plan", "--batch_size", "2", "--block_size", "64", "--data_dir",
             str(tmp_path / "none"), "--out_dir", str(tmp_path / "out"))
@@ -908,6 +925,7 @@ def test_train_plan_needs_no_data_and_prints_the_breakdown(tmp_path):
     assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch):
     flags = ["--batch_size", "8", "--block_size", "128", "--optimizer", "adamw"]
     need = {extra: plan_memory(_plan_args(monkeypatch, *flags, *extra), "cuda")["peak_bytes"] * 1.15
@@ -939,6 +957,7 @@ def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch):
     assert "no memory switch makes it fit; use a smaller --size or --rank" in gpu_memory_problem(args, "cuda")
 
 
+@pytest.mark.slow
 def test_7B_plan_with_the_default_rank_meets_the_24GB_target():
     # The README's claim: 7B with GaLore (default rank 512), per-layer updates, bf16 weights and states and
     # activation checkpointing, batch 1 x 1024 tokens, peaks at <= 22 GB of tensors (measured on an H100:
