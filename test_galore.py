@@ -1,18 +1,32 @@
 """
 Tests: GaLoreAdamW against the maths and against torch.optim.AdamW, the Llama against references, and the
-data pipeline and train.py end to end on CPU. Run: python -m pytest -q
+data pipeline and train.py end to end on CPU. Run: python -m pytest -q (the edit-test loop: -m "not slow").
+The data and training tests need tiktoken's GPT-2 files: downloaded on first use, or, offline, a folder of them
+in TIKTOKEN_CACHE_DIR (.ci/run sets it).
 """
 
 import io
+import json
 import math
 import os
+import random
+import signal
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 
+from bench import PLAN_VARIANTS
+from data import DataError, check_fits, get_batch, wikitext_documents
 from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables
+from train import (attach_per_layer_updates, build_model, build_optimizer, get_args, get_lr, gpu_memory_problem,
+                   model_config, optimizer_step, plan_memory, replicas_agree)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -413,22 +427,7 @@ def test_preset_parameter_counts(size, expected):
 
 
 # ------------------------------------------------------------------------------- data.py and train.py
-import json
-import random
-import signal
-import subprocess
-import sys
-
-import numpy as np
-
-from data import DataError, check_fits, get_batch, wikitext_documents
-from train import (attach_per_layer_updates, build_model, build_optimizer, get_args, get_lr, gpu_memory_problem,
-                   model_config, optimizer_step, plan_memory)
-
 HERE = os.path.dirname(os.path.abspath(__file__))
-_cache = os.path.join(HERE, "..", "shared", "tiktoken-cache")  # offline copy of tiktoken's GPT-2 files
-if os.path.isdir(_cache):
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", _cache)
 TINY = ["--size", "tiny", "--device", "cpu", "--batch_size", "4", "--block_size", "32", "--eval_iters", "2",
         "--log_interval", "5", "--sample_tokens", "8"]
 
@@ -775,10 +774,6 @@ def test_train_memory_switches_end_to_end(corpus, tmp_path):
 
 
 # ------------------------------------------------------------------------------------ data parallel
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from train import replicas_agree
 
 
 def _ddp_worker(rank, port, results):
@@ -858,7 +853,6 @@ def test_bench_writes_table_json_and_chart(tmp_path):
 
 
 # ------------------------------------------------------------------------- memory planner (memplan.py)
-from bench import PLAN_VARIANTS
 
 
 # A few-million-parameter Llama whose attention and MLP matrices are most of the weights (86%), unlike tiny.
