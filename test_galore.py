@@ -668,14 +668,12 @@ def test_per_layer_updates_equal_normal_steps_across_lr_change_and_refresh():
     opt_n, opt_p = _galore_for(normal), _galore_for(per_layer)
     attach_per_layer_updates(per_layer, opt_p)
 
-    class A:  # an LR schedule with warmup and cosine decay, as train.py runs it
-        lr, min_lr, warmup_steps, steps = 1e-2, 1e-3, 3, 10
     g = torch.Generator().manual_seed(0)
     for it in range(10):  # crosses warmup->cosine, the GaLore switch (2) and refreshes (5, 8)
         x = torch.randint(0, 512, (4, 16), generator=g)
         for model, opt in ((normal, opt_n), (per_layer, opt_p)):
             for group in opt.param_groups:
-                group["lr"] = get_lr(it, A)
+                group["lr"] = get_lr(it, lr=1e-2, min_lr=1e-3, warmup_steps=3, steps=10)  # as train.py
             model(x[:, :-1], x[:, 1:])[1].backward()
             if model is per_layer:  # every weight was already updated inside backward, every grad freed
                 assert all(p.grad is None for p in model.parameters())
@@ -689,12 +687,11 @@ def test_per_layer_updates_equal_normal_steps_across_lr_change_and_refresh():
 
 
 def test_lr_schedule_values():
-    class A:
-        lr, min_lr, warmup_steps, steps = 1.0, 0.1, 10, 110
-    assert [get_lr(it, A) for it in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warmup to lr, reached at warmup - 1
-    assert get_lr(10, A) == 1.0                                   # cosine starts at lr
-    assert get_lr(60, A) == pytest.approx(0.55, abs=1e-12)        # halfway: the mean of lr and min_lr
-    assert get_lr(110, A) == pytest.approx(0.1, abs=1e-12) and get_lr(500, A) == pytest.approx(0.1, abs=1e-12)
+    lr = lambda it: get_lr(it, lr=1.0, min_lr=0.1, warmup_steps=10, steps=110)
+    assert [lr(it) for it in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warmup to lr, reached at warmup - 1
+    assert lr(10) == 1.0                                   # cosine starts at lr
+    assert lr(60) == pytest.approx(0.55, abs=1e-12)        # halfway: the mean of lr and min_lr
+    assert lr(110) == pytest.approx(0.1, abs=1e-12) and lr(500) == pytest.approx(0.1, abs=1e-12)
 
 
 def test_bf16_parameters_train_with_bf16_states():

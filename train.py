@@ -114,12 +114,12 @@ def check_args(args, cfg, world_size):
     return None
 
 
-def get_lr(it, args):
-    """Linear warmup to args.lr over warmup_steps, then cosine decay to min_lr at args.steps."""
-    if it < args.warmup_steps:
-        return args.lr * (it + 1) / args.warmup_steps
-    progress = min(1.0, (it - args.warmup_steps) / max(1, args.steps - args.warmup_steps))
-    return args.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (args.lr - args.min_lr)
+def get_lr(it, lr, min_lr, warmup_steps, steps):
+    """Linear warmup to lr over warmup_steps, then cosine decay to min_lr at step `steps`."""
+    if it < warmup_steps:
+        return lr * (it + 1) / warmup_steps
+    progress = min(1.0, (it - warmup_steps) / max(1, steps - warmup_steps))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
 def model_config(args):
@@ -468,7 +468,7 @@ def main(argv=None):
 
     dt_avg = None
     for it in range(start, args.steps + 1):
-        lr = get_lr(it, args)
+        lr = get_lr(it, args.lr, args.min_lr, args.warmup_steps, args.steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         stop = torch.tensor(float(bool(interrupted)), device=args.device)
