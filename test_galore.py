@@ -25,8 +25,8 @@ from bench import PLAN_VARIANTS
 from data import DataError, check_fits, get_batch, wikitext_documents
 from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables
-from train import (attach_per_layer_updates, build_model, build_optimizer, get_args, get_lr, gpu_memory_problem,
-                   model_config, optimizer_step, plan_memory, replicas_agree)
+from train import (attach_per_layer_updates, build_model, build_optimizer, check_args, device_problem, get_args,
+                   get_lr, gpu_memory_problem, model_config, optimizer_step, plan_memory, replicas_agree)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -549,6 +549,8 @@ def test_train_end_to_end_loss_goes_down(corpus, tmp_path, optimizer):
     assert os.path.getsize(os.path.join(out_dir, "loss.png")) > 1000
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 40 and ckpt["config"]["dim"] == 64
+    final = read_log(out_dir)[-1]  # the whole-split figure, in the log and in the checkpoint's copy of it
+    assert f"val loss (whole split) {final['final_val_loss']:.4f}" in p.stdout and ckpt["log"][-1] == final
     # A second run into the same folder must not overwrite that checkpoint.
     p = run("train.py", *TINY, "--data_dir", data_dir, "--out_dir", out_dir, check=False)
     assert p.returncode == 1 and "exists: continue it with --resume" in p.stderr and "Traceback" not in p.stderr
@@ -597,6 +599,51 @@ def test_train_bad_flags_one_line_error(corpus, tmp_path, flags, message):
     p = run("train.py", *TINY, "--steps", "5", "--data_dir", data_dir, "--out_dir", str(tmp_path / "o"), *flags,
             check=False)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "cdua"], "--device 'cdua' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+    (["--galore_scale", "0"], "--galore_scale 0.0 must be > 0"),
+    (["--proj_start_steps", "-1"], "--proj_start_steps -1 must be >= 0"),
+    (["--warmup_steps", "-5"], "--warmup_steps -5 must be >= 0"),
+    (["--sample_tokens", "-3"], "--sample_tokens -3 must be >= 0"),
+    (["--lr", "nan"], "--lr nan must be >= 0"),
+])
+def test_check_args_names_the_bad_value(flags, message):
+    args = get_args(["--size", "tiny", *flags])
+    assert check_args(args, model_config(args), 1) == message
+
+
+def test_unavailable_devices_and_files_for_folders_are_one_line_errors(tmp_path):
+    if not torch.cuda.is_available():
+        for device in ("cuda", "cuda:3"):
+            assert device_problem(device) == (f"--device {device}: no CUDA GPU is available to PyTorch on this "
+                                              "machine; use --device cpu (or auto)")
+    if not torch.backends.mps.is_available():
+        assert "Apple's MPS is not available on this machine" in device_problem("mps")
+    assert device_problem("cpu") is None
+    (tmp_path / "afile").write_text("not a folder")
+    for name in ("out_dir", "data_dir"):
+        args = get_args(["--size", "tiny", f"--{name}", str(tmp_path / "afile")])
+        assert check_args(args, model_config(args), 1) == f"--{name} {tmp_path / 'afile'} is a file, not a folder: " \
+                                                           "choose a folder"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["random bytes", "another program's file"])
+def test_resume_from_a_damaged_checkpoint_is_one_line_and_leaves_it(corpus, tmp_path, damage):
+    _, data_dir = corpus
+    path = tmp_path / "ckpt.pt"
+    if damage == "random bytes":
+        path.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)))
+    else:
+        torch.save({"weights": torch.ones(3)}, path)
+    before = path.read_bytes()
+    p = run("train.py", *TINY, "--data_dir", data_dir, "--out_dir", str(tmp_path), "--resume", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert f"--resume: {path} is not a readable train.py checkpoint" in p.stderr
+    assert "weights_only" not in p.stderr  # never advise loading untrusted pickles
+    assert path.read_bytes() == before
 
 
 @pytest.mark.slow

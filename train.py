@@ -41,8 +41,16 @@ DEFAULT_RANK = {"tiny": 8, "60M": 128, "125M": 256, "350M": 256, "1B": 512,  # t
                 "3B": 640, "7B": 512}  # ours (the paper: 7B 1024): see "Memory" in the README
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and every default that is a value (a None default's help says what it means)."""
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+            return action.help
+        return action.help + " (default: %(default)s)"
+
+
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     a("--size", default="125M", choices=list(PRESETS), help="model preset (llama.py)")
     a("--optimizer", default="galore", choices=["galore", "adamw"], help="GaLoreAdamW or torch.optim.AdamW")
@@ -93,14 +101,20 @@ def get_args(argv=None):
 
 def check_args(args, cfg, world_size):
     """Mistakes a user can make, as one line each (the optimizer checks its own hyperparameters too)."""
-    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "galore_scale"):
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "proj_start_steps", "sample_tokens"):
         v = getattr(args, name)
         if not v >= 0:  # also catches NaN
             return f"--{name} {v} must be >= 0"
     for name in ("steps", "batch_size", "grad_accum", "block_size", "update_proj_gap", "eval_interval",
-                 "eval_iters", "log_interval"):
-        if getattr(args, name) <= 0:
+                 "eval_iters", "log_interval", "galore_scale"):
+        if not getattr(args, name) > 0:
             return f"--{name} {getattr(args, name)} must be > 0"
+    for name in ("out_dir", "data_dir"):
+        path = getattr(args, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            return f"--{name} {path} is a file, not a folder: choose a folder"
+    if args.device != "auto" and not args.plan and (msg := device_problem(args.device)):
+        return msg
     if args.optimizer == "galore" and not 0 < args.rank < cfg.dim:
         return (f"--rank {args.rank} must be between 1 and the model width {cfg.dim} ({args.size}) minus 1; "
                 f"try --rank {DEFAULT_RANK[args.size]}")
@@ -111,6 +125,23 @@ def check_args(args, cfg, world_size):
                 "drop --grad_clip or use --grad_clip 0")
     if args.per_layer and world_size > 1:
         return "--per_layer is not supported with DDP (torchrun): run it on one process, or drop --per_layer"
+    return None
+
+
+def device_problem(device):
+    """Why --device cannot be used on this machine, or None."""
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        return f"--device {device!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
+    if d.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: no CUDA GPU is available to PyTorch on this machine; use --device cpu (or auto)"
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0"
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device}: Apple's MPS is not available on this machine; use --device cpu (or auto)"
+    if d.type not in ("cpu", "cuda", "mps"):
+        return f"--device {device}: train.py runs on cpu, cuda or mps"
     return None
 
 
@@ -339,6 +370,10 @@ def all_finite(model, optimizer):
     return all(torch.isfinite(t).all() for t in [*model.parameters(), *state])
 
 
+def perplexity(loss):
+    return math.exp(loss) if loss < 700 else float("inf")  # exp overflows a float past ~709
+
+
 def save_atomic(obj, path):
     tmp = path + ".tmp"
     torch.save(obj, tmp)
@@ -387,8 +422,15 @@ def main(argv=None):
     if args.resume:
         if not os.path.exists(ckpt_path):
             fail(f"--resume: no checkpoint at {ckpt_path}; start without --resume or set --out_dir")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt["config"] != asdict(cfg):
+        try:  # only tensors and plain values are loaded: a damaged or foreign file cannot run code
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            if not {"model", "optimizer", "config", "args", "step", "log", "rng"} <= ckpt.keys():
+                raise KeyError("entries missing")
+            same_shape = ckpt["config"] == asdict(cfg)
+        except Exception as e:  # torch's own message would suggest unpickling untrusted code: not repeated here
+            fail(f"--resume: {ckpt_path} is not a readable train.py checkpoint ({type(e).__name__}); it is left as "
+                 "it is. Start a new run with another --out_dir")
+        if not same_shape:
             fail(f"--resume: {ckpt_path} holds a model of another shape ({ckpt['args']['size']}, block_size "
                  f"{ckpt['config']['block_size']}); use the same --size/--block_size or another --out_dir")
     elif os.path.exists(ckpt_path):  # never overwrite an earlier run's checkpoint by accident
@@ -484,9 +526,9 @@ def main(argv=None):
             val = evaluate(raw_model, args.data_dir, "val", args, args.device, ctx)
             if not math.isfinite(val):
                 nonfinite(f"validation loss is {val}", it)
-            write_log({"step": it, "val_loss": val, "val_ppl": math.exp(val),
+            write_log({"step": it, "val_loss": val, "val_ppl": perplexity(val),
                        "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None})
-            print(f"step {it}: val loss {val:.4f}, perplexity {math.exp(val):.1f}")
+            print(f"step {it}: val loss {val:.4f}, perplexity {perplexity(val):.1f}")
             checkpoint(it)
             plot(log, os.path.join(args.out_dir, "loss.png"))
         if stop.item():
@@ -532,6 +574,8 @@ def main(argv=None):
 
     if master:
         val = evaluate(raw_model, args.data_dir, "val", args, args.device, ctx, whole=True)
+        write_log({"step": args.steps, "final_val_loss": val, "final_val_ppl": perplexity(val)})
+        checkpoint(args.steps)  # again, so that the log it holds has the final figure too
         enc = get_encoding()
         prompt = torch.tensor([[enc.eot_token]], device=args.device)
         with ctx:
@@ -540,7 +584,7 @@ def main(argv=None):
         print("sample:", enc.decode(sample[0, 1:].tolist()))
         peak = f", peak mem {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if device_type == "cuda" else ""
         print(f"done: {args.size} {args.optimizer}, {args.steps} steps, {args.steps * tokens_per_step:,} tokens | "
-              f"val loss (whole split) {val:.4f}, perplexity {math.exp(val):.2f} | opt state "
+              f"val loss (whole split) {val:.4f}, perplexity {perplexity(val):.2f} | opt state "
               f"{optimizer_state_bytes(optimizer) / 1e6:.1f} MB{peak}")
     if ddp:
         dist.destroy_process_group()
