@@ -26,7 +26,8 @@ from data import DataError, check_fits, get_batch, wikitext_documents
 from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables
 from train import (attach_per_layer_updates, build_model, build_optimizer, check_args, device_problem, get_args,
-                   get_lr, gpu_memory_problem, model_config, optimizer_step, plan_memory, replicas_agree)
+                   get_lr, gpu_memory_problem, model_config, optimizer_step, plan_memory, replicas_agree,
+                   resume_problem)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -551,6 +552,11 @@ def test_train_end_to_end_loss_goes_down(corpus, tmp_path, optimizer):
     assert ckpt["step"] == 40 and ckpt["config"]["dim"] == 64
     final = read_log(out_dir)[-1]  # the whole-split figure, in the log and in the checkpoint's copy of it
     assert f"val loss (whole split) {final['final_val_loss']:.4f}" in p.stdout and ckpt["log"][-1] == final
+    if optimizer == "galore":  # resuming it as AdamW cannot work: a one-line refusal, the checkpoint untouched
+        p = run("train.py", *TINY, "--data_dir", data_dir, "--out_dir", out_dir, "--resume", "--optimizer", "adamw",
+                check=False)
+        assert p.returncode == 1 and "--optimizer adamw differs from the checkpoint's galore" in p.stderr
+        assert "Traceback" not in p.stderr
     # A second run into the same folder must not overwrite that checkpoint.
     p = run("train.py", *TINY, "--data_dir", data_dir, "--out_dir", out_dir, check=False)
     assert p.returncode == 1 and "exists: continue it with --resume" in p.stderr and "Traceback" not in p.stderr
@@ -627,6 +633,21 @@ def test_unavailable_devices_and_files_for_folders_are_one_line_errors(tmp_path)
         args = get_args(["--size", "tiny", f"--{name}", str(tmp_path / "afile")])
         assert check_args(args, model_config(args), 1) == f"--{name} {tmp_path / 'afile'} is a file, not a folder: " \
                                                            "choose a folder"
+
+
+@pytest.mark.parametrize("flag, value", [("optimizer", "adamw"), ("rank", 16), ("update_proj_gap", 50),
+                                         ("galore_scale", 0.5), ("weight_decay", 0.1), ("proj_start_steps", 10),
+                                         ("no_reset", True), ("svd", "randomized")])
+def test_resume_refuses_a_changed_optimizer_flag(flag, value):
+    saved = vars(get_args(["--size", "tiny"]))  # what a checkpoint's "args" holds
+    args = get_args(["--size", "tiny"])
+    assert resume_problem(saved, args) is None
+    args.steps, args.lr = 9000, 0.02  # the schedule and the length of a run may change on resume
+    assert resume_problem(saved, args) is None
+    setattr(args, flag, value)
+    assert resume_problem(saved, args) == (f"--resume: --{flag} {value} differs from the checkpoint's {saved[flag]}; "
+                                           "a resumed run keeps the optimizer settings it was saved with: drop the "
+                                           "flag, or start a new run in another --out_dir")
 
 
 @pytest.mark.slow

@@ -128,6 +128,23 @@ def check_args(args, cfg, world_size):
     return None
 
 
+# What a checkpoint's optimizer state was built with: a resumed run keeps these (README, "Resuming").
+RESUME_FIXED = ("optimizer", "rank", "update_proj_gap", "galore_scale", "weight_decay", "proj_start_steps",
+                "no_reset", "svd")
+
+
+def resume_problem(saved_args, args):
+    """The first optimizer flag that differs from the checkpoint's, as one line; None if all agree. The saved
+    state cannot honour a change (P has the saved rank, the schedule the saved gap), and torch's
+    load_state_dict would silently restore the saved hyperparameters anyway."""
+    for name in RESUME_FIXED:
+        if name in saved_args and saved_args[name] != getattr(args, name):
+            return (f"--resume: --{name} {getattr(args, name)} differs from the checkpoint's {saved_args[name]}; a "
+                    "resumed run keeps the optimizer settings it was saved with: drop the flag, or start a new run "
+                    "in another --out_dir")
+    return None
+
+
 def device_problem(device):
     """Why --device cannot be used on this machine, or None."""
     try:
@@ -433,6 +450,8 @@ def main(argv=None):
         if not same_shape:
             fail(f"--resume: {ckpt_path} holds a model of another shape ({ckpt['args']['size']}, block_size "
                  f"{ckpt['config']['block_size']}); use the same --size/--block_size or another --out_dir")
+        if (msg := resume_problem(ckpt["args"], args)):
+            fail(msg)
     elif os.path.exists(ckpt_path):  # never overwrite an earlier run's checkpoint by accident
         fail(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir")
 
@@ -581,7 +600,8 @@ def main(argv=None):
         with ctx:
             sample = raw_model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
                                         generator=torch.Generator(args.device).manual_seed(args.seed))
-        print("sample:", enc.decode(sample[0, 1:].tolist()))
+        # ids past the tokenizer's (50257 for GPT-2) pad the vocabulary to 50304; an early model can still emit them
+        print("sample:", enc.decode([t for t in sample[0, 1:].tolist() if t < enc.n_vocab]))
         peak = f", peak mem {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if device_type == "cuda" else ""
         print(f"done: {args.size} {args.optimizer}, {args.steps} steps, {args.steps * tokens_per_step:,} tokens | "
               f"val loss (whole split) {val:.4f}, perplexity {perplexity(val):.2f} | opt state "
