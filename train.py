@@ -509,9 +509,15 @@ def main(argv=None):
     interrupted = []
     signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))  # stop at the next step boundary
 
-    def nonfinite(what, step):  # exits; under torchrun the other ranks are then stopped by the launcher
-        kept = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "nothing was saved"
-        fail(f"{what} at step {step}; stopping before it can be saved: {kept}. Try a lower --lr")
+    def nonfinite(what, step):
+        # Every rank that gets here exits (a loss or grad norm is the same on all of them; the val loss is rank 0's
+        # alone, and torchrun then stops the others); rank 0 says why.
+        if master:
+            kept = (f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path)
+                    else "nothing was saved")
+            print(f"train.py: error: {what} at step {step}; stopping before it can be saved: {kept}. "
+                  "Try a lower --lr", file=sys.stderr)
+        sys.exit(1)
 
     def checkpoint(step):
         if master:
@@ -567,10 +573,7 @@ def main(argv=None):
             loss /= world_size
         lossf = loss.item()
         if not math.isfinite(lossf):
-            if master:
-                print(f"train.py: error: loss is {lossf} at step {it}; stopping. The last good checkpoint is "
-                      f"kept in {ckpt_path}; try a lower --lr", file=sys.stderr)
-            sys.exit(1)
+            nonfinite(f"loss is {lossf}", it)
         norm = optimizer_step(model, optimizer, args.grad_clip, args.per_layer)
         norm = None if norm is None else norm.item()
         if norm is not None and not math.isfinite(norm):  # not applied: the weights are still those of step `it`
