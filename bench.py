@@ -12,6 +12,12 @@ torch.cuda.max_memory_allocated over the whole run. On CPU peak memory is not me
 exact bytes of weights, gradients held at once and optimizer state (their sum is a lower bound on a GPU's peak;
 activations come on top).
 
+--quality trains the `cpu` preset (3.25M parameters, 97% of them in the projected matrices) on byte-level
+English text and compares the final validation loss of AdamW and GaLore (section "Quality" of the README):
+
+    python bench.py --quality                                 # the whole sweep, ~1 hour on 2 CPU cores
+    python bench.py --quality --quality_runs pair   # one AdamW-vs-GaLore pair at the default lrs, ~8 min
+
 --plan runs train.py's memory planner (train.py --plan, memplan.py) for every size and plan variant below: the
 real training steps on fake tensors, batch 1 x 1024 tokens. It writes a JSON record per (size, variant) and a
 chart of the planned peak against model size, with the memory of common GPUs. On CUDA it also runs each plan
@@ -19,17 +25,22 @@ that fits on real tensors and records torch.cuda.max_memory_allocated next to it
 """
 
 import argparse
+import ast
 import gc
 import json
+import math
+import os
+import platform
 import statistics
+import sysconfig
 import time
-from types import SimpleNamespace
 
 import torch
 
-from galore import GaLoreAdamW, optimizer_state_bytes
+from data import get_batch, iter_windows, prepare
+from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
-from train import DEFAULT_RANK, attach_per_layer_updates, build_optimizer, get_args, plan_memory
+from train import DEFAULT_RANK, attach_per_layer_updates, get_args, get_lr, plan_memory
 
 VARIANTS = {  # name: (optimizer, per_layer, param dtype)
     "adamw": ("adamw", False, torch.float32),
@@ -77,10 +88,13 @@ def bench_one(size, variant, args, device):
     model.to(device)
     rank = args.rank or DEFAULT_RANK[size]
     # Refresh every 3 steps here so the timed steps contain refreshes; the amortized figures use --gap.
-    opt_args = SimpleNamespace(optimizer=opt_name, per_layer=per_layer, rank=rank, update_proj_gap=3,
-                               galore_scale=0.25, lr=1e-3, weight_decay=0.0, proj_start_steps=0, no_reset=False,
-                               svd=args.svd_method)
-    optimizer = build_optimizer(model, opt_args, verbose=False)
+    if opt_name == "galore":
+        optimizer = GaLoreAdamW(galore_param_groups(model, rank, 3, 0.25, verbose=False), lr=1e-3,
+                                svd=args.svd_method)
+    elif per_layer:  # per-layer updates need step_param(); without 'rank' GaLoreAdamW is AdamW (tested)
+        optimizer = GaLoreAdamW(model.parameters(), lr=1e-3)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     grad_bytes = [0]
     if per_layer:
         # Registered before the update hook, so it sees each gradient before it is freed.
@@ -261,26 +275,206 @@ def chart(results, path, device_name):
     plt.close(fig)
 
 
+# --- Quality: AdamW vs GaLore at equal tokens, on byte-level text, on a CPU -----------------------------------
+
+def docstring_text(path):
+    """English prose that any machine can rebuild offline and that may be redistributed: the docstrings
+    longer than 200 characters of the installed CPython's standard library (PSF license; tests, IDLE and
+    lib2to3 left out), in a fixed order. Python 3.11.7 gives 2,202 docstrings, 1.21 MB of UTF-8."""
+    root, docs = sysconfig.get_paths()["stdlib"], []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in ("test", "tests", "idlelib", "lib2to3",
+                                                                   "site-packages", "dist-packages", "__pycache__"))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) > 200:
+                        docs.append(doc)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n\n".join(docs))
+    return len(docs)
+
+
+def quality_run(data_dir, vocab_size, args, optimizer, lr, rank=None, gap=200, reset=True, svd="full"):
+    """Train the `cpu` preset for args.steps steps as train.py does (same init seed, same batches from the
+    same generator, warmup 10% then cosine to 10%, grad clip 1.0, fp32) and return its val loss curve.
+    optimizer: 'adamw'; 'adamw_galore_lrs' = AdamW with GaLore's per-group lrs (matrices at lr x alpha), the
+    control that separates the projection from GaLore's smaller steps on the matrices; or 'galore'."""
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**{**PRESETS["cpu"], "vocab_size": vocab_size, "block_size": args.block_size}))
+    other, matrices = galore_param_groups(model, rank or 1, gap, args.alpha, verbose=False)
+    if optimizer == "galore":
+        opt = GaLoreAdamW([other, matrices], lr=lr, reset_on_update=reset, svd=svd)
+    elif optimizer == "adamw_galore_lrs":
+        opt = torch.optim.AdamW([other, {"params": matrices["params"], "lr_scale": args.alpha}], lr=lr)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen, curve, t0 = torch.Generator().manual_seed(1337), [], time.perf_counter()
+
+    @torch.no_grad()
+    def val_loss(whole=False):
+        model.eval()
+        if whole:  # every window of the val split once, weighted by its rows
+            losses = [(model(x, y)[1].item(), len(x)) for x, y in iter_windows(data_dir, "val", 32, args.block_size)]
+        else:      # a fixed slice, the same at every eval
+            g = torch.Generator().manual_seed(1234)
+            losses = [(model(*get_batch(data_dir, "val", args.batch_size, args.block_size, generator=g))[1].item(), 1)
+                      for _ in range(args.eval_iters)]
+        model.train()
+        return sum(l * n for l, n in losses) / sum(n for _, n in losses)
+
+    for it in range(args.steps):
+        if it % args.eval_interval == 0:
+            curve.append((it, val_loss()))
+        lr_t = get_lr(it, lr, 0.1 * lr, args.steps // 10, args.steps)
+        for group in opt.param_groups:
+            group["lr"] = lr_t * group.get("lr_scale", 1.0)
+        x, y = get_batch(data_dir, "train", args.batch_size, args.block_size, generator=gen)
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if not math.isfinite(loss.item()):
+            break  # diverged: recorded with its curve so far and an infinite final loss
+    curve.append((it + 1, val_loss()))
+    final = val_loss(whole=True) if math.isfinite(curve[-1][1]) else float("inf")
+    return dict(optimizer=optimizer, lr=lr, rank=rank, gap=gap if optimizer == "galore" else None,
+                reset=reset if optimizer == "galore" else None, svd=svd if optimizer == "galore" else None,
+                final_val_loss=final, curve=curve, state_bytes=optimizer_state_bytes(opt),
+                seconds=time.perf_counter() - t0)
+
+
+def quality_sweep(args, out):
+    """The sweep of the README's "Quality" section; the JSON is rewritten after every run."""
+    text = os.path.join("data", "stdlib_docstrings.txt")
+    os.makedirs("data", exist_ok=True)
+    n_docs = docstring_text(text)
+    data_dir = os.path.join("data", "stdlib_docstrings_bytes")
+    meta = prepare(data_dir, [text], "bytes")
+    vocab = 64 * math.ceil(meta["vocab_size"] / 64)  # 257 -> 320, as train.py pads it
+    width = PRESETS["cpu"]["dim"]
+    header = dict(python=platform.python_version(), torch=torch.__version__, text=f"{n_docs} stdlib docstrings",
+                  train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"], steps=args.steps,
+                  batch_size=args.batch_size, block_size=args.block_size, tokens=args.steps * args.batch_size
+                  * args.block_size, alpha=args.alpha, model="cpu", params=None, runs=[])
+    header["params"] = Llama(LlamaConfig(**{**PRESETS["cpu"], "vocab_size": vocab})).num_params()
+    runs = header["runs"]
+    # Runs already in `out` with the same setup are reused: an interrupted sweep goes on where it stopped.
+    key = lambda r: (r["optimizer"], r["lr"], r["rank"], r["gap"], r["reset"], r["svd"])
+    done = {}
+    if os.path.exists(out):
+        with open(out) as f:
+            old = json.load(f)
+        if all(old.get(k) == header[k] for k in header if k != "runs"):
+            done = {key(r): r for r in old["runs"]}
+
+    def run(optimizer, lr, rank=None, gap=200, reset=True, svd="full"):
+        galore = optimizer == "galore"
+        k = (optimizer, lr, rank, gap if galore else None, reset if galore else None, svd if galore else None)
+        r = done.get(k) or quality_run(data_dir, vocab, args, optimizer, lr, rank, gap, reset, svd)
+        runs.append(r)
+        write_json(header, out)
+        print(f"{optimizer:>17} lr {lr:<7g} rank {str(r['rank'] or '-'):>4} T {str(r['gap'] or '-'):>4} "
+              f"reset {str(r['reset'] if r['reset'] is not None else '-'):>5} svd {r['svd'] or '-':>10} | "
+              f"final val loss {r['final_val_loss']:.4f} | state {r['state_bytes'] / 1e6:6.2f} MB | "
+              f"{r['seconds']:.0f} s" + (f" (from {out})" if k in done else ""), flush=True)
+        return r
+
+    best = lambda rs: min(rs, key=lambda r: r["final_val_loss"])
+    # AdamW's best was at the low end of 1e-3..1e-2 at this size, so its grid goes down to 3e-4; GaLore's moves
+    # its matrices by lr x alpha, so its grid sits higher (the paper: 1e-3 for AdamW, 1e-2 for GaLore).
+    adamw_lrs, galore_lrs = (3e-4, 1e-3, 3e-3), (1e-3, 3e-3, 1e-2)
+    if args.quality_runs == "pair":  # AdamW and GaLore at rank width/4 at their default lrs
+        run("adamw", 1e-3)
+        run("galore", 1e-2, rank=width // 4)
+        return header
+    adamw = best([run("adamw", lr) for lr in adamw_lrs])
+    by_rank = {r: best([run("galore", lr, rank=r) for lr in galore_lrs]) for r in (width // 4, width // 8, width // 2)}
+    lr = by_rank[width // 4]["lr"]
+    run("adamw_galore_lrs", lr)
+    run("galore", lr, rank=width // 4, gap=50)
+    run("galore", lr, rank=width // 4, reset=False)
+    run("galore", lr, rank=width // 4, svd="randomized")
+    for r, b in sorted(by_rank.items()):
+        print(f"rank {r}: best GaLore (lr {b['lr']:g}) / best AdamW (lr {adamw['lr']:g}) final val loss = "
+              f"{b['final_val_loss']:.4f} / {adamw['final_val_loss']:.4f} = {b['final_val_loss'] / adamw['final_val_loss']:.4f}")
+    return header
+
+
+def quality_chart(result, path):
+    """Left: val loss curves of the best AdamW, the per-group control and the best GaLore at each rank.
+    Right: final val loss against optimizer state bytes, every run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = result["runs"]
+    label = lambda r: (f"{r['optimizer']} lr {r['lr']:g}" + (f" r={r['rank']}" if r["rank"] else "")
+                       + (f" T={r['gap']}" if r["gap"] not in (None, 200) else "")
+                       + (" no reset" if r["reset"] is False else "") + (" randomized" if r["svd"] == "randomized" else ""))
+    groups = {}
+    for r in runs:
+        if r["optimizer"] != "galore" or (r["gap"], r["reset"], r["svd"]) == (200, True, "full"):
+            groups.setdefault((r["optimizer"], r["rank"]), []).append(r)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    for rs in groups.values():
+        b = min(rs, key=lambda r: r["final_val_loss"])
+        ax1.plot(*zip(*b["curve"]), label=label(b) + f": {b['final_val_loss']:.3f}")
+    ax1.set(xlabel="step", ylabel="val loss (nats per byte)", title=f"best lr of each optimizer / rank, "
+            f"{result['tokens']:,} tokens", ylim=(None, min(3.0, max(b["curve"][1][1] for rs in groups.values()
+                                                                       for b in rs if len(b["curve"]) > 1))))
+    ax1.legend(fontsize=8)
+    for r in runs:
+        if math.isfinite(r["final_val_loss"]):
+            ax2.scatter(r["state_bytes"] / 1e6, r["final_val_loss"], color="C0" if r["optimizer"] != "galore" else "C1")
+            ax2.annotate(label(r), (r["state_bytes"] / 1e6, r["final_val_loss"]), fontsize=6)
+    ax2.set(xlabel="optimizer state (MB)", ylabel="final val loss, whole split",
+            title="quality vs optimizer memory (blue AdamW, orange GaLore)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="tiny,60M", help="comma-separated presets")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {list(VARIANTS)}")
     p.add_argument("--rank", type=int, default=None, help="GaLore rank (default: the paper's for each size)")
     p.add_argument("--gap", type=int, default=200, help="T used to amortize the measured refresh cost")
-    p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--block_size", type=int, default=None, help="default: 1024 on CUDA, 128 on CPU")
-    p.add_argument("--steps", type=int, default=6, help="timed steps (plus one warm-up)")
+    p.add_argument("--batch_size", type=int, default=None, help="default: 1 (8 with --quality)")
+    p.add_argument("--block_size", type=int, default=None, help="default: 1024 on CUDA, 128 on CPU, 256 with --quality")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (plus one warm-up; default 6), or training "
+                   "steps with --quality (default 500)")
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--svd", action="store_true", help="time full vs randomized SVD instead")
     p.add_argument("--plan", action="store_true", help="planned peak memory of each size and plan variant")
     p.add_argument("--svd_method", default="full", choices=["full", "randomized"], help="projector of the runs")
     p.add_argument("--svd_repeats", type=int, default=3)
+    p.add_argument("--quality", action="store_true", help="AdamW vs GaLore final val loss on byte-level text (CPU)")
+    p.add_argument("--quality_runs", default="sweep", choices=["sweep", "pair"], help="with --quality")
+    p.add_argument("--alpha", type=float, default=0.25, help="GaLore scale, with --quality")
+    p.add_argument("--eval_interval", type=int, default=50, help="with --quality")
+    p.add_argument("--eval_iters", type=int, default=10, help="with --quality")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench.json", help="JSON results; the chart goes next to it as .png")
     args = p.parse_args()
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    if args.quality:
+        args.batch_size, args.block_size, args.steps = args.batch_size or 8, args.block_size or 256, args.steps or 500
+        out = "quality.json" if args.out == "bench.json" else args.out
+        result = quality_sweep(args, out)
+        quality_chart(result, out.rsplit(".", 1)[0] + ".png")
+        print(f"wrote {out} and {out.rsplit('.', 1)[0]}.png")
+        return
+    args.batch_size, args.steps = args.batch_size or 1, args.steps or 6
     args.block_size = args.block_size or (1024 if device.type == "cuda" or args.plan else 128)
     meta = dict(device=device_name, torch=torch.__version__, batch_size=args.batch_size,
                 block_size=args.block_size, activation_checkpointing=args.activation_checkpointing)

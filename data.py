@@ -1,19 +1,22 @@
 """
 WikiText-103 -> GPT-2 tokens in uint16 memmaps, and random batches from them.
 
-    python data.py                          # download wikitext-103-raw-v1 and tokenize (~120M tokens, minutes)
-    python data.py --input a.txt b.txt      # the same files from your own text (offline)
+    python data.py                                  # download wikitext-103-raw-v1 and tokenize (~120M tokens)
+    python data.py --input a.txt b.txt              # your own text (offline) -> data/a_gpt2
+    python data.py --input a.txt --tokenizer bytes  # UTF-8 bytes as tokens (vocabulary 257) -> data/a_bytes
 
-Writes, in --data_dir (default data/wikitext103): train.bin, val.bin, test.bin (raw uint16 token ids, read
-with np.memmap) and meta.json (token counts, tokenizer, source). Every file is written under a temporary
-name and renamed when complete, and meta.json is written last: a folder with meta.json is complete, and a
-second run then does nothing. Documents are separated by GPT-2's end-of-text token (50256).
+Writes, in --data_dir: train.bin, val.bin, test.bin (raw uint16 token ids, read with np.memmap) and meta.json
+(token counts, tokenizer, vocab_size, source). The default folder is data/wikitext103 for WikiText and one
+named after the first input file for your own text, so your text never lands in the WikiText folder. The
+folder is built under a temporary name and renamed when complete: a folder with meta.json is complete, and a
+second run then does nothing. Documents are separated by the tokenizer's end-of-text token (GPT-2: 50256).
 """
 
 import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -22,14 +25,33 @@ import torch
 
 SPLITS = ("train", "val", "test")
 DTYPE = np.uint16
+WIKITEXT = "wikitext-103-raw-v1"
 
 
 class DataError(Exception):
     """A problem the user can fix (bad input, missing data); printed as one line, no traceback."""
 
 
+class ByteEncoding:
+    """Tokens are the UTF-8 bytes of the text (ids 0-255) plus an end-of-text id 256: no tokenizer files, no
+    download, and a vocabulary of 257, so the embedding is a small part of a small model (nanoGPT's
+    character-level Shakespeare plays the same role). The same methods as a tiktoken Encoding, as far as
+    data.py and train.py use them."""
+    name, eot_token, n_vocab, max_token_value = "bytes", 256, 257, 256
+
+    def encode_ordinary_batch(self, texts, num_threads=1):
+        return [list(t.encode("utf-8")) for t in texts]
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
 def get_encoding(name="gpt2"):
+    if name == "bytes":
+        return ByteEncoding()
     import tiktoken  # imported here so that get_batch users do not need it
+    if name not in tiktoken.list_encoding_names():
+        raise DataError(f"unknown tokenizer {name!r}: use bytes or one of {', '.join(tiktoken.list_encoding_names())}")
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # offline and not cached: tiktoken downloads the BPE files on first use
@@ -96,32 +118,61 @@ def read_text_files(paths):
     return docs
 
 
-def is_complete(data_dir):
+def default_data_dir(inputs=None, tokenizer="gpt2"):
+    """data/wikitext103 for WikiText (GPT-2 tokens), else a folder of its own: data/<first input's name>_<tokenizer>."""
+    if not inputs:
+        return "data/wikitext103" + ("" if tokenizer == "gpt2" else f"_{tokenizer}")
+    return os.path.join("data", f"{os.path.splitext(os.path.basename(inputs[0]))[0]}_{tokenizer}")
+
+
+def load_meta(data_dir):
+    """The meta.json of a complete data folder; None if the folder holds no data yet. A folder that holds
+    some of the files, or files whose sizes disagree with meta.json, is a DataError: it is reported, never
+    rebuilt over (it may be a copy the user made by hand)."""
+    names = ["meta.json"] + [f"{s}.bin" for s in SPLITS]
+    present = [n for n in names if os.path.exists(os.path.join(data_dir, n))]
+    if not present:
+        return None
+    fix = f"delete {data_dir} to rebuild it, or copy a complete one (train.bin, val.bin, test.bin, meta.json)"
+    if "meta.json" not in present:
+        raise DataError(f"{data_dir} holds {', '.join(present)} but no meta.json, so it is incomplete: {fix}")
     try:
         with open(os.path.join(data_dir, "meta.json")) as f:
             meta = json.load(f)
-        return all(os.path.getsize(os.path.join(data_dir, f"{s}.bin")) == 2 * meta[f"{s}_tokens"] for s in SPLITS)
-    except (OSError, ValueError, KeyError):
-        return False
+        sizes = {s: meta[f"{s}_tokens"] * np.dtype(DTYPE).itemsize for s in SPLITS}
+        meta["vocab_size"], meta["tokenizer"], meta["source"]  # KeyError if a field is missing
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{data_dir}/meta.json is damaged ({type(e).__name__}): {fix}") from None
+    for s in SPLITS:
+        path = os.path.join(data_dir, f"{s}.bin")
+        if not os.path.exists(path) or os.path.getsize(path) != sizes[s]:
+            got = f"{os.path.getsize(path):,} bytes" if os.path.exists(path) else "missing"
+            raise DataError(f"{path} is {got} but meta.json says {sizes[s]:,} (truncated or replaced): {fix}")
+    return meta
 
 
-def write_atomic(path, write):
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)  # atomic on POSIX and Windows: the file is either old/absent or complete
+def check_token_ids(data_dir, vocab_size):
+    """Every token id of every split must index the model's embedding (of vocab_size rows)."""
+    for s in SPLITS:
+        data = np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=DTYPE, mode="r")
+        if len(data) and (top := int(data.max())) >= vocab_size:
+            raise DataError(f"{data_dir}/{s}.bin holds token id {top}, but the vocabulary has {vocab_size} ids: "
+                            "the folder's meta.json does not describe its .bin files; rebuild it with data.py")
 
 
 def prepare(data_dir, inputs=None, tokenizer="gpt2", num_threads=None):
-    """Build train/val/test.bin and meta.json in data_dir unless complete files are there. Returns the meta."""
-    source = "wikitext-103-raw-v1" if not inputs else "files: " + " ".join(os.path.abspath(p) for p in inputs)
-    if is_complete(data_dir):
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            meta = json.load(f)
-        if meta["source"] != source:
-            raise DataError(f"{data_dir} already holds data from {meta['source']}; choose another --data_dir "
-                            "(nothing was changed)")
+    """Build train/val/test.bin and meta.json in data_dir unless complete files are there. Returns the meta.
+    inputs=None builds WikiText-103; a complete folder must hold what was asked for (source and tokenizer)."""
+    source = WIKITEXT if not inputs else "files: " + " ".join(os.path.abspath(p) for p in inputs)
+    if (meta := load_meta(data_dir)) is not None:
+        if (meta["source"], meta["tokenizer"]) != (source, tokenizer):
+            raise DataError(f"{data_dir} already holds {meta['source']} ({meta['tokenizer']} tokens), not {source} "
+                            f"({tokenizer} tokens); choose another --data_dir (nothing was changed)")
         print(f"{data_dir}: complete ({meta['train_tokens']:,} train tokens), nothing to do")
         return meta
+    if os.path.isdir(data_dir) and (other := sorted(os.listdir(data_dir))):
+        raise DataError(f"{data_dir} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
+                        "and no data: choose a new or empty --data_dir (nothing was changed)")
     enc = get_encoding(tokenizer)
     check_fits(enc)
     num_threads = num_threads or os.cpu_count() or 1
@@ -142,15 +193,20 @@ def prepare(data_dir, inputs=None, tokenizer="gpt2", num_threads=None):
                             "(train.py takes --input too)") from None
         names = dict(train="train", val="validation", test="test")
         splits = {s: tokenize(wikitext_documents(ds[names[s]]["text"]), enc, s, num_threads) for s in SPLITS}
-    os.makedirs(data_dir, exist_ok=True)
-    for s, arr in splits.items():
-        write_atomic(os.path.join(data_dir, f"{s}.bin"), arr.tofile)
     meta = dict(source=source, tokenizer=tokenizer, dtype="uint16", vocab_size=enc.n_vocab, eot=enc.eot_token,
                 **{f"{s}_tokens": int(len(arr)) for s, arr in splits.items()})
-    def write_meta(path):
-        with open(path, "w") as f:  # closed, so flushed, before write_atomic renames it
-            json.dump(meta, f, indent=1)
-    write_atomic(os.path.join(data_dir, "meta.json"), write_meta)
+    # Everything goes into a temporary folder that is renamed when complete (atomic on POSIX): an interrupted
+    # run leaves data_dir as it was, never a half-built folder that a later run would take for data.
+    tmp = data_dir.rstrip("/\\") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted run
+    os.makedirs(tmp)
+    for s, arr in splits.items():
+        arr.tofile(os.path.join(tmp, f"{s}.bin"))
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    if os.path.isdir(data_dir):
+        os.rmdir(data_dir)  # empty (load_meta found no data files); anything else in it makes this an error
+    os.replace(tmp, data_dir)
     print(f"wrote {data_dir}: " + ", ".join(f"{s} {meta[f'{s}_tokens']:,} tokens" for s in SPLITS))
     return meta
 
@@ -175,15 +231,31 @@ def get_batch(data_dir, split, batch_size, block_size, device="cpu", generator=N
     return x.to(device), y.to(device)
 
 
+def iter_windows(data_dir, split, batch_size, block_size, device="cpu"):
+    """The whole split as consecutive non-overlapping windows, batch_size at a time: x, y of shape
+    (<= batch_size, block_size); every token but the last few (< block_size + 1) is predicted exactly once."""
+    data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=DTYPE, mode="r")
+    n = (len(data) - 1) // block_size
+    for start in range(0, n, batch_size):
+        rows = range(start, min(n, start + batch_size))
+        x = torch.from_numpy(np.stack([data[r * block_size:(r + 1) * block_size].astype(np.int64) for r in rows]))
+        y = torch.from_numpy(np.stack([data[r * block_size + 1:(r + 1) * block_size + 1].astype(np.int64)
+                                       for r in rows]))
+        yield x.to(device), y.to(device)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", default="data/wikitext103", help="where the .bin files and meta.json go")
+    parser.add_argument("--data_dir", default=None, help="where the .bin files and meta.json go (default: "
+                        "data/wikitext103, or data/<first input>_<tokenizer> with --input)")
     parser.add_argument("--input", nargs="+", metavar="FILE", help="build from these UTF-8 text files instead")
-    parser.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding name (ids must fit uint16)")
+    parser.add_argument("--tokenizer", default="gpt2",
+                        help="'bytes' (UTF-8 bytes, vocabulary 257) or a tiktoken encoding name (ids must fit uint16)")
     parser.add_argument("--num_threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     args = parser.parse_args()
     try:
-        prepare(args.data_dir, args.input, args.tokenizer, args.num_threads)
+        prepare(args.data_dir or default_data_dir(args.input, args.tokenizer), args.input, args.tokenizer,
+                args.num_threads)
     except DataError as e:
         sys.exit(f"data.py: error: {e}")
 

@@ -38,6 +38,9 @@ class LlamaConfig:
 
 PRESETS = {
     "tiny": dict(dim=64, n_layers=2, n_heads=4, hidden_dim=176, block_size=256),  # for CPU tests
+    # A CPU-sized model for byte-level text (data.py --tokenizer bytes): 3.25M parameters, 97% of them in the
+    # attention and MLP matrices that GaLore projects (with GPT-2's vocabulary it has 16M, mostly embedding).
+    "cpu": dict(dim=256, n_layers=4, n_heads=4, hidden_dim=688, block_size=256),
     "60M": dict(dim=512, n_layers=8, n_heads=8, hidden_dim=1376),
     "125M": dict(dim=768, n_layers=12, n_heads=12, hidden_dim=2048),
     "350M": dict(dim=1024, n_layers=24, n_heads=16, hidden_dim=2736),

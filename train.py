@@ -21,14 +21,15 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from data import DataError, get_batch, get_encoding, is_complete, prepare
+from data import (WIKITEXT, DataError, check_token_ids, default_data_dir, get_batch, get_encoding, iter_windows,
+                  load_meta, prepare)
 from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
 from memplan import MemoryTracker
@@ -82,8 +83,11 @@ def get_args(argv=None):
     a("--compile", action="store_true", help="torch.compile the model")
     a("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cuda:1")
     a("--seed", type=int, default=1337)
-    a("--data_dir", default="data/wikitext103", help="folder of train.bin/val.bin/test.bin/meta.json")
+    a("--data_dir", default=None, help="folder of train.bin/val.bin/test.bin/meta.json (default: data/wikitext103, "
+      "or data/<first input>_<tokenizer> with --input)")
     a("--input", nargs="+", metavar="FILE", help="build the data from these text files instead of WikiText")
+    a("--tokenizer", default=None, help="for data being built: gpt2 (the default), bytes (UTF-8 bytes, vocabulary "
+      "257), or another tiktoken name; a data folder that exists brings its own")
     a("--out_dir", default="out", help="checkpoint, log and plot go here")
     a("--resume", action="store_true", help="continue from --out_dir/ckpt.pt")
     a("--sample_tokens", type=int, default=64, help="tokens to generate at the end")
@@ -111,7 +115,7 @@ def check_args(args, cfg, world_size):
             return f"--{name} {getattr(args, name)} must be > 0"
     for name in ("out_dir", "data_dir"):
         path = getattr(args, name)
-        if os.path.exists(path) and not os.path.isdir(path):
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
             return f"--{name} {path} is a file, not a folder: choose a folder"
     if args.device != "auto" and not args.plan and (msg := device_problem(args.device)):
         return msg
@@ -145,6 +149,62 @@ def resume_problem(saved_args, args):
     return None
 
 
+def pick_device(device, ddp):
+    """The device to train on; under DDP (torchrun) also joins the process group, one process per GPU."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    return device
+
+
+def load_data(data_dir, inputs, tokenizer, block_size, master=True, ddp=False):
+    """(data_dir, meta) of the data to train on, prepared first if needed (by rank 0 under DDP). data_dir None
+    is the default folder: WikiText-103's, or one of its own for --input text. Raises DataError (one line)."""
+    explicit, data_dir = data_dir is not None, data_dir or default_data_dir(inputs, tokenizer or "gpt2")
+    if master and (inputs or load_meta(data_dir) is None):  # prepare() refuses to mix sources
+        prepare(data_dir, inputs, tokenizer or "gpt2")
+    if ddp:
+        dist.barrier()
+    meta = load_meta(data_dir)
+    if not explicit and not inputs and meta["source"] != WIKITEXT:  # own text is never taken for WikiText
+        raise DataError(f"{data_dir} holds {meta['source']}, not WikiText-103: move it away, or train on it "
+                        f"with --data_dir {data_dir}")
+    if tokenizer not in (None, meta["tokenizer"]):
+        raise DataError(f"{data_dir} holds {meta['tokenizer']} tokens, not --tokenizer {tokenizer}: drop the flag, "
+                        "or choose another --data_dir")
+    check_token_ids(data_dir, meta["vocab_size"])
+    for split in ("train", "val"):  # fails early with a clear message if a batch cannot fit
+        get_batch(data_dir, split, 1, block_size)
+    return data_dir, meta
+
+
+def read_checkpoint(path, cfg, args):
+    """(checkpoint, None), loaded as tensors and numbers only (a damaged or foreign file cannot run code), or
+    (None or checkpoint, one line saying why this run cannot resume from it)."""
+    if not os.path.exists(path):
+        return None, f"--resume: no checkpoint at {path}; start without --resume or set --out_dir"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not {"model", "optimizer", "config", "args", "step", "log", "rng"} <= ckpt.keys():
+            raise KeyError("entries missing")
+        saved = ckpt["config"]
+        if saved["vocab_size"] != cfg.vocab_size:
+            return None, (f"--resume: {path} has a vocabulary of {saved['vocab_size']:,} ids ({ckpt['args'].get('tokenizer', 'gpt2')}), "
+                          f"the data in {ckpt['args']['data_dir']} gives {cfg.vocab_size:,}: resume on the data it was "
+                          f"trained on (--data_dir {ckpt['args']['data_dir']}), or use another --out_dir")
+        if saved != asdict(cfg):
+            return None, (f"--resume: {path} holds a model of another shape ({ckpt['args']['size']}, block_size "
+                          f"{saved['block_size']}); use the same --size/--block_size or another --out_dir")
+    except Exception as e:  # torch's own message would suggest unpickling untrusted code: not repeated here
+        return None, (f"--resume: {path} is not a readable train.py checkpoint ({type(e).__name__}); it is left as "
+                      "it is. Start a new run with another --out_dir")
+    return ckpt, resume_problem(ckpt["args"], args)
+
+
 def device_problem(device):
     """Why --device cannot be used on this machine, or None."""
     try:
@@ -170,9 +230,12 @@ def get_lr(it, lr, min_lr, warmup_steps, steps):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def model_config(args):
-    return LlamaConfig(**{**PRESETS[args.size], "block_size": args.block_size,
-                          "activation_checkpointing": args.activation_checkpointing})
+def model_config(args, vocab_size=None):
+    """The preset's shape with this run's block size; the vocabulary is the data's (meta.json), padded up to a
+    multiple of 64 for faster matmuls (GPT-2: 50257 -> 50304; bytes: 257 -> 320). Without it, the tokenizer's."""
+    vocab_size = vocab_size or (257 if args.tokenizer == "bytes" else 50257)
+    return LlamaConfig(**{**PRESETS[args.size], "vocab_size": 64 * math.ceil(vocab_size / 64),
+                          "block_size": args.block_size, "activation_checkpointing": args.activation_checkpointing})
 
 
 def build_model(cfg, param_dtype):
@@ -214,8 +277,8 @@ def attach_per_layer_updates(model, optimizer):
 
 
 def forward_backward(model, next_batch, grad_accum, ctx, ddp=False):
-    """Accumulate the gradients of grad_accum micro-batches. Returns the mean loss over them, as a tensor
-    (reading it with .item() waits for the GPU: the loop does that only where it needs the number)."""
+    """Accumulate the gradients of grad_accum micro-batches. Returns the mean loss over them (and over ranks
+    under DDP: what is logged, and the same NaN verdict on every rank), as a tensor."""
     mean_loss = 0.0
     for micro in range(grad_accum):
         if ddp:  # all-reduce the gradients on the last micro-step only
@@ -225,6 +288,9 @@ def forward_backward(model, next_batch, grad_accum, ctx, ddp=False):
             _, loss = model(x, y)
         (loss / grad_accum).backward()
         mean_loss = mean_loss + loss.detach() / grad_accum
+    if ddp:
+        dist.all_reduce(mean_loss, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        mean_loss /= dist.get_world_size()
     return mean_loss
 
 
@@ -345,30 +411,34 @@ def print_plan(plan):
 
 
 @torch.no_grad()
-def evaluate(model, data_dir, split, args, device, ctx, whole=False):
-    """Mean loss on a fixed slice of the split (the same batches every eval), or on all of it (whole=True)."""
+def evaluate(model, data_dir, split, batch_size, block_size, iters, device, ctx, progress=False):
+    """Mean loss on a fixed slice of the split (the same `iters` batches every eval), or, with iters=None, on
+    all of it (data.iter_windows). progress=True counts the batches on one line (a slow first eval on a CPU)."""
     model.eval()
-    losses = []
-    if whole:
-        import numpy as np
-        data = np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
-        n = (len(data) - 1) // args.block_size  # non-overlapping windows covering the split
-        for i in range(0, n, args.batch_size):
-            rows = range(i, min(n, i + args.batch_size))
-            x = torch.stack([torch.from_numpy(data[r * args.block_size:(r + 1) * args.block_size].astype(np.int64))
-                             for r in rows]).to(device)
-            y = torch.stack([torch.from_numpy(data[r * args.block_size + 1:(r + 1) * args.block_size + 1]
-                                              .astype(np.int64)) for r in rows]).to(device)
-            with ctx:
-                losses.append((model(x, y)[1].item(), len(rows)))
+    if iters is None:
+        batches = iter_windows(data_dir, split, batch_size, block_size, device)
     else:
         gen = torch.Generator().manual_seed(1234)
-        for _ in range(args.eval_iters):
-            x, y = get_batch(data_dir, split, args.batch_size, args.block_size, device, gen)
-            with ctx:
-                losses.append((model(x, y)[1].item(), 1))
+        batches = (get_batch(data_dir, split, batch_size, block_size, device, gen) for _ in range(iters))
+    total, rows = 0.0, 0
+    for i, (x, y) in enumerate(batches):
+        with ctx:
+            total += model(x, y)[1].item() * len(x)  # weighted by rows: the last window batch may be short
+        rows += len(x)
+        if progress:
+            print(f"\reval batch {i + 1}/{iters}", end="\n" if i + 1 == iters else "", flush=True)
     model.train()
-    return sum(l * w for l, w in losses) / sum(w for _, w in losses)
+    return total / rows
+
+
+def sample_text(model, enc, n_tokens, device, ctx, seed):
+    """n_tokens generated after an end-of-text token (temperature 0.8, top-k 50), decoded."""
+    prompt = torch.tensor([[enc.eot_token]], device=device)
+    with ctx:
+        ids = model.generate(prompt, n_tokens, temperature=0.8, top_k=50,
+                             generator=torch.Generator(device).manual_seed(seed))
+    # ids past the tokenizer's pad the vocabulary to a multiple of 64; an early model can still emit them
+    return enc.decode([t for t in ids[0, 1:].tolist() if t < enc.n_vocab])
 
 
 def replicas_agree(model):
@@ -391,10 +461,21 @@ def perplexity(loss):
     return math.exp(loss) if loss < 700 else float("inf")  # exp overflows a float past ~709
 
 
-def save_atomic(obj, path):
+def save_atomic(obj, path, write=torch.save):
+    """Write to a temporary file, then rename it over path (atomic): an interruption or crash mid-write leaves
+    the previous file intact, and the temporary one is removed."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
+    try:
+        write(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_jsonl(records, path):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
 
 
 def plot(log, path):
@@ -420,65 +501,72 @@ def plot(log, path):
     os.replace(path + ".tmp", path)
 
 
+class CtrlC:
+    """Ctrl-C. The first press stops a single-process run within seconds: wherever it lands (an eval, the forward
+    or backward of a step, the data), the run goes back to the last finished step, saves it and exits. Only while
+    the weights are changing (`with ctrl_c.wait():` the optimizer step, per-layer updates inside backward, the
+    writing of a checkpoint or log) does the press wait for that to end. A second press ends the run at once; the
+    files on disk are then the last complete ones, since each is written under a temporary name and renamed.
+    Under DDP every press waits for the end of the step: all ranks must stop at the same step."""
+    def __init__(self, ddp):
+        self.presses, self.depth, self.ddp = 0, 0, ddp  # depth: how many wait() blocks we are in
+        signal.signal(signal.SIGINT, self.handler)
+
+    def handler(self, *_):
+        self.presses += 1
+        if self.presses > 1 or not (self.depth or self.ddp):
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def wait(self):
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+        if self.presses and not self.depth and not self.ddp:
+            raise KeyboardInterrupt  # the press that came while waiting
+
+
 def main(argv=None):
     args = get_args(argv)
     ddp = "RANK" in os.environ  # launched by torchrun
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     master = rank == 0
     fail = lambda msg: sys.exit(f"train.py: error: {msg}")
-
-    cfg = model_config(args)
-    if (msg := check_args(args, cfg, world_size)):
+    if (msg := check_args(args, model_config(args), world_size)):
         fail(msg)
     if args.plan:  # needs no data, no checkpoint and no GPU
-        device = args.device if args.device != "auto" else "cuda"
-        print_plan(plan_memory(args, torch.device(device).type))
+        print_plan(plan_memory(args, torch.device(args.device if args.device != "auto" else "cuda").type))
         return
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
-    ckpt = None
-    if args.resume:
-        if not os.path.exists(ckpt_path):
-            fail(f"--resume: no checkpoint at {ckpt_path}; start without --resume or set --out_dir")
-        try:  # only tensors and plain values are loaded: a damaged or foreign file cannot run code
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            if not {"model", "optimizer", "config", "args", "step", "log", "rng"} <= ckpt.keys():
-                raise KeyError("entries missing")
-            same_shape = ckpt["config"] == asdict(cfg)
-        except Exception as e:  # torch's own message would suggest unpickling untrusted code: not repeated here
-            fail(f"--resume: {ckpt_path} is not a readable train.py checkpoint ({type(e).__name__}); it is left as "
-                 "it is. Start a new run with another --out_dir")
-        if not same_shape:
-            fail(f"--resume: {ckpt_path} holds a model of another shape ({ckpt['args']['size']}, block_size "
-                 f"{ckpt['config']['block_size']}); use the same --size/--block_size or another --out_dir")
-        if (msg := resume_problem(ckpt["args"], args)):
-            fail(msg)
-    elif os.path.exists(ckpt_path):  # never overwrite an earlier run's checkpoint by accident
+    if not args.resume and os.path.exists(ckpt_path):  # never overwrite an earlier run's checkpoint by accident
         fail(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir")
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if ddp:
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
-        if args.device.startswith("cuda"):
-            args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(args.device)
+    args.device = pick_device(args.device, ddp)
     device_type = torch.device(args.device).type
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     ctx = autocast_context(device_type, args.dtype, args.param_dtype)
-    if device_type == "cuda" and not ddp and (msg := gpu_memory_problem(args, args.device)):
-        fail(msg)  # before the data and the model: an out-of-memory error minutes later says less
-
-    try:  # the data: prepared once (by rank 0 under DDP), then memmapped
-        if master and (args.input or not is_complete(args.data_dir)):  # prepare() refuses to mix sources
-            prepare(args.data_dir, args.input)
-        if ddp:
-            dist.barrier()
-        for split in ("train", "val"):  # fails early with a clear message if a batch cannot fit
-            get_batch(args.data_dir, split, 1, args.block_size)
+    try:
+        data_dir, meta = load_data(args.data_dir, args.input, args.tokenizer, args.block_size, master, ddp)
     except DataError as e:
         fail(e)
+    args.data_dir, args.tokenizer = data_dir, meta["tokenizer"]  # saved with the checkpoint
+    cfg = model_config(args, meta["vocab_size"])  # the vocabulary is the data's
+    ckpt, problem = read_checkpoint(ckpt_path, cfg, args) if args.resume else (None, None)
+    if problem:
+        fail(problem)
+    if device_type == "cuda" and not ddp and (msg := gpu_memory_problem(args, args.device)):
+        fail(msg)  # before the model: an out-of-memory error minutes later says less
+    if master:
+        print(f"data: {data_dir} ({meta['source'][:80]}), {meta['train_tokens']:,} train tokens, "
+              f"{meta['tokenizer']} tokens (vocabulary {meta['vocab_size']:,}, padded to {cfg.vocab_size:,})")
+        if device_type != "cuda" and args.size not in ("tiny", "cpu"):
+            print(f"note: {args.size} trains slowly without a GPU (step 1's time and this run's ETA are printed "
+                  "below); for a first run in minutes try --size tiny, or --size cpu --tokenizer bytes --input FILE")
 
+    # The model and optimizer, restored from the checkpoint when resuming.
     torch.manual_seed(args.seed)
     model = build_model(cfg, args.param_dtype).to(args.device)
     if master:
@@ -503,11 +591,10 @@ def main(argv=None):
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
-
     os.makedirs(args.out_dir, exist_ok=True)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
-    interrupted = []
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(1))  # stop at the next step boundary
+    next_batch = lambda: get_batch(data_dir, "train", args.batch_size, args.block_size, args.device, gen,
+                                   rank=rank, world_size=world_size)
 
     def nonfinite(what, step):
         # Every rank that gets here exits (a loss or grad norm is the same on all of them; the val loss is rank 0's
@@ -519,99 +606,114 @@ def main(argv=None):
                   "Try a lower --lr", file=sys.stderr)
         sys.exit(1)
 
-    def checkpoint(step):
+    def checkpoint(step, rng):
         if master:
             if not all_finite(raw_model, optimizer):  # never replace a good checkpoint with a broken one
                 nonfinite("the weights or optimizer states are no longer finite", step)
-            rng = {"batch": gen.get_state(), "torch": torch.get_rng_state()}
-            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "config": asdict(cfg), "args": vars(args), "step": step, "log": log, "rng": rng},
-                        ckpt_path)
+            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
+                         "args": vars(args), "step": step, "log": log, "rng": rng}, ckpt_path)
 
     def write_log(record):
-        log.append(record)
-        with open(os.path.join(args.out_dir, "log.jsonl"), "w") as f:  # rewritten whole: a resume drops
-            f.writelines(json.dumps(r) + "\n" for r in log)           # what came after its checkpoint
+        log.append(record)  # the file is rewritten whole (a resume drops what came after its checkpoint)
+        save_atomic(log, os.path.join(args.out_dir, "log.jsonl"), write_jsonl)
 
-    dt_avg = None
-    for it in range(start, args.steps + 1):
-        lr = get_lr(it, args.lr, args.min_lr, args.warmup_steps, args.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        stop = torch.tensor(float(bool(interrupted)), device=args.device)
-        if ddp:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-        is_eval = (it % args.eval_interval == 0 or it == args.steps) and not (it == start and args.resume)
-        if is_eval and ddp:
-            if not replicas_agree(raw_model):
-                fail(f"DDP replicas differ at step {it}; please report this as a bug")
-            if master:
-                print(f"step {it}: weights identical on all {world_size} ranks")
-        if is_eval and master:
-            val = evaluate(raw_model, args.data_dir, "val", args, args.device, ctx)
-            if not math.isfinite(val):
-                nonfinite(f"validation loss is {val}", it)
-            write_log({"step": it, "val_loss": val, "val_ppl": perplexity(val),
-                       "peak_mem_gb": torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None})
-            print(f"step {it}: val loss {val:.4f}, perplexity {perplexity(val):.1f}")
-            checkpoint(it)
-            plot(log, os.path.join(args.out_dir, "loss.png"))
-        if stop.item():
-            checkpoint(it)
-            if master:
-                print(f"interrupted: checkpoint saved at step {it} in {ckpt_path}; continue with --resume")
-            sys.exit(130)
-        if it == args.steps:
-            break
+    # `done` steps are applied, and `rng` is the state of both random streams at that point; both change
+    # together inside ctrl_c.wait(), so a Ctrl-C anywhere saves a state a resume continues exactly (it repeats
+    # an unfinished step with the same batch).
+    ctrl_c = CtrlC(ddp)
+    done, rng, dt_avg = start, {"batch": gen.get_state(), "torch": torch.get_rng_state()}, None
+    try:
+        for it in range(start, args.steps + 1):
+            if ddp:
+                stop = torch.tensor(float(ctrl_c.presses > 0), device=args.device)
+                dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+                if stop.item():
+                    raise KeyboardInterrupt
+                if it % args.eval_interval == 0 and not replicas_agree(raw_model):
+                    fail(f"DDP replicas differ at step {it}; please report this as a bug")
+                if it % args.eval_interval == 0 and master:
+                    print(f"step {it}: weights identical on all {world_size} ranks")
+            is_eval = it % args.eval_interval == 0 or it == args.steps
+            if is_eval and master and not any(r["step"] == it and "val_loss" in r for r in log):  # none before a resume
+                slow = it == start and device_type != "cuda"  # say what is happening before the first numbers
+                if slow:
+                    print(f"step {it}: evaluating on {args.eval_iters} val batches...", flush=True)
+                val = evaluate(raw_model, data_dir, "val", args.batch_size, args.block_size, args.eval_iters,
+                               args.device, ctx, progress=slow)
+                if not math.isfinite(val):
+                    nonfinite(f"validation loss is {val}", it)
+                with ctrl_c.wait():
+                    write_log({"step": it, "val_loss": val, "val_ppl": perplexity(val), "peak_mem_gb":
+                               torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None})
+                    print(f"step {it}: val loss {val:.4f}, perplexity {perplexity(val):.1f}")
+                    checkpoint(it, rng)
+                    plot(log, os.path.join(args.out_dir, "loss.png"))
+            if it == args.steps:
+                break
 
-        t0 = time.time()  # time the training step only: evals and checkpoints are not tokens/s
-        next_batch = lambda: get_batch(args.data_dir, "train", args.batch_size, args.block_size, args.device, gen,
-                                       rank=rank, world_size=world_size)
-        loss = forward_backward(model, next_batch, args.grad_accum, ctx, ddp)
-        if ddp:  # the mean over ranks: what is logged, and the same NaN verdict on every rank
-            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
-            loss /= world_size
-        lossf = loss.item()
-        if not math.isfinite(lossf):
-            nonfinite(f"loss is {lossf}", it)
-        norm = optimizer_step(model, optimizer, args.grad_clip, args.per_layer)
-        norm = None if norm is None else norm.item()
-        if norm is not None and not math.isfinite(norm):  # not applied: the weights are still those of step `it`
-            nonfinite(f"gradient norm is {norm}", it)
+            lr = get_lr(it, args.lr, args.min_lr, args.warmup_steps, args.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.time()  # time the training step only: evals and checkpoints are not tokens/s
+            with ctrl_c.wait() if args.per_layer else nullcontext():  # per-layer: backward updates the weights
+                # .item() is one host-device sync per step: a non-finite loss must stop the run before it is applied
+                lossf = forward_backward(model, next_batch, args.grad_accum, ctx, ddp).item()
+                if not math.isfinite(lossf):
+                    nonfinite(f"loss is {lossf}", it)
+                with ctrl_c.wait():  # the update, its bookkeeping and its log line, as one
+                    norm = optimizer_step(model, optimizer, args.grad_clip, args.per_layer)
+                    norm = None if norm is None else norm.item()
+                    if norm is not None and not math.isfinite(norm):  # not applied: the weights are those of step `it`
+                        nonfinite(f"gradient norm is {norm}", it)
+                    done, rng = it + 1, {"batch": gen.get_state(), "torch": torch.get_rng_state()}
+                    if device_type == "cuda":
+                        torch.cuda.synchronize()
+                    dt = time.time() - t0
+                    dt_avg = dt if dt_avg is None or it == start + 1 else 0.9 * dt_avg + 0.1 * dt  # `start` compiles
+                    if it == start and master and (it + 1) % args.log_interval:  # how long this run takes, early
+                        eta = (args.steps - start) * dt
+                        print(f"step {it + 1} took {dt:.1f} s: the {args.steps - start} steps of this run take about "
+                              + (f"{eta / 60:.0f} min" if eta < 7200 else f"{eta / 3600:.1f} h")
+                              + " at this pace, plus evals", flush=True)
+                    if (it + 1) % args.log_interval == 0 and master:
+                        state_mb = optimizer_state_bytes(optimizer) / 1e6
+                        peak = torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None
+                        write_log({"step": it + 1, "loss": lossf, "lr": lr, "grad_norm": norm, "tokens_per_s":
+                                   tokens_per_step / dt, "opt_state_mb": state_mb, "peak_mem_gb": peak})
+                        print(f"step {it + 1}/{args.steps} | loss {lossf:.4f} | lr {lr:.2e} | "
+                              f"grad norm {'-' if norm is None else f'{norm:.3f}'} | {tokens_per_step / dt:,.0f} tok/s"
+                              f" | ETA {(args.steps - it - 1) * dt_avg / 60:.1f} min | opt state {state_mb:.1f} MB"
+                              + (f" | peak mem {peak:.2f} GB" if peak is not None else ""))
 
-        if device_type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        dt_avg = dt if dt_avg is None or it == start + 1 else 0.9 * dt_avg + 0.1 * dt  # step `start` compiles
-        if (it + 1) % args.log_interval == 0 and master:
-            state_mb = optimizer_state_bytes(optimizer) / 1e6
-            peak = torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None
-            eta = (args.steps - it - 1) * dt_avg
-            write_log({"step": it + 1, "loss": lossf, "lr": lr, "grad_norm": norm,
-                       "tokens_per_s": tokens_per_step / dt, "opt_state_mb": state_mb, "peak_mem_gb": peak})
-            print(f"step {it + 1}/{args.steps} | loss {lossf:.4f} | lr {lr:.2e} | "
-                  f"grad norm {'-' if norm is None else f'{norm:.3f}'} | {tokens_per_step / dt:,.0f} tok/s | "
-                  f"ETA {eta / 60:.1f} min | opt state {state_mb:.1f} MB"
-                  + (f" | peak mem {peak:.2f} GB" if peak is not None else ""))
-
-    if master:
-        val = evaluate(raw_model, args.data_dir, "val", args, args.device, ctx, whole=True)
-        write_log({"step": args.steps, "final_val_loss": val, "final_val_ppl": perplexity(val)})
-        checkpoint(args.steps)  # again, so that the log it holds has the final figure too
-        enc = get_encoding()
-        prompt = torch.tensor([[enc.eot_token]], device=args.device)
-        with ctx:
-            sample = raw_model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=50,
-                                        generator=torch.Generator(args.device).manual_seed(args.seed))
-        # ids past the tokenizer's (50257 for GPT-2) pad the vocabulary to 50304; an early model can still emit them
-        print("sample:", enc.decode([t for t in sample[0, 1:].tolist() if t < enc.n_vocab]))
-        peak = f", peak mem {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if device_type == "cuda" else ""
-        print(f"done: {args.size} {args.optimizer}, {args.steps} steps, {args.steps * tokens_per_step:,} tokens | "
-              f"val loss (whole split) {val:.4f}, perplexity {perplexity(val):.2f} | opt state "
-              f"{optimizer_state_bytes(optimizer) / 1e6:.1f} MB{peak}")
+        if master:
+            val = evaluate(raw_model, data_dir, "val", args.batch_size, args.block_size, None, args.device, ctx)
+            with ctrl_c.wait():
+                write_log({"step": args.steps, "final_val_loss": val, "final_val_ppl": perplexity(val)})
+                checkpoint(args.steps, rng)  # again, so that the log it holds has the final figure too
+            print("sample:", sample_text(raw_model, get_encoding(args.tokenizer), args.sample_tokens, args.device,
+                                         ctx, args.seed))
+            peak = f", peak mem {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if device_type == "cuda" else ""
+            print(f"done: {args.size} {args.optimizer}, {args.steps} steps, {args.steps * tokens_per_step:,} tokens | "
+                  f"val loss (whole split) {val:.4f}, perplexity {perplexity(val):.2f} | opt state "
+                  f"{optimizer_state_bytes(optimizer) / 1e6:.1f} MB{peak}")
+    except KeyboardInterrupt:
+        msg = f"stopped at once (second Ctrl-C): {ckpt_path}, if any, is the last complete checkpoint"
+        try:
+            if ctrl_c.presses == 1:  # `done` steps are applied, nothing of the next one (updates run in wait())
+                checkpoint(done, rng)  # a second press raises here at once
+                msg = f"interrupted: checkpoint saved at step {done} in {ckpt_path}; continue with --resume"
+        except KeyboardInterrupt:  # a second press during the save: the temporary file is removed, the old kept
+            pass
+        if master:
+            print("\n" + msg)
+        sys.exit(130)
     if ddp:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # before training started (data preparation, model build): nothing to save
+        print("\ntrain.py: interrupted before training started; nothing was written", file=sys.stderr)
+        sys.exit(130)
