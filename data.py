@@ -170,6 +170,8 @@ def prepare(data_dir, inputs=None, tokenizer="gpt2", num_threads=None):
                             f"({tokenizer} tokens); choose another --data_dir (nothing was changed)")
         print(f"{data_dir}: complete ({meta['train_tokens']:,} train tokens), nothing to do")
         return meta
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data_dir {data_dir} is a file, not a folder: choose a folder")
     if os.path.isdir(data_dir) and (other := sorted(os.listdir(data_dir))):
         raise DataError(f"{data_dir} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
                         "and no data: choose a new or empty --data_dir (nothing was changed)")
@@ -253,6 +255,8 @@ def main():
                         help="'bytes' (UTF-8 bytes, vocabulary 257) or a tiktoken encoding name (ids must fit uint16)")
     parser.add_argument("--num_threads", type=int, default=None, help="tokenizer threads (default: all cores)")
     args = parser.parse_args()
+    if args.num_threads is not None and args.num_threads < 1:
+        sys.exit(f"data.py: error: --num_threads {args.num_threads} must be >= 1")
     try:
         prepare(args.data_dir or default_data_dir(args.input, args.tokenizer), args.input, args.tokenizer,
                 args.num_threads)

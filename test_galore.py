@@ -481,6 +481,11 @@ def test_data_bad_inputs(tmp_path):
         p = run("data.py", "--input", str(tmp_path / name), "--data_dir", str(tmp_path / "d"), check=False)
         assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr
         assert not (tmp_path / "d" / "meta.json").exists()
+    (tmp_path / "a.txt").write_text("Some text. " * 100)
+    for flags, msg in ((["--data_dir", str(tmp_path / "empty.txt")], "is a file, not a folder"),
+                       (["--num_threads", "-3"], "--num_threads -3 must be >= 1")):
+        p = run("data.py", "--input", str(tmp_path / "a.txt"), *flags, check=False, cwd=tmp_path)
+        assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr
 
     class BigTokenizer:
         name, max_token_value = "cl100k_base", 100276
@@ -657,6 +662,9 @@ def test_train_end_to_end_loss_goes_down(corpus, tmp_path, optimizer):
                 check=False)
         assert p.returncode == 1 and "--optimizer adamw differs from the checkpoint's galore" in p.stderr
         assert "Traceback" not in p.stderr
+    # Resuming with --steps at or below the checkpoint's step would train nothing and report the old run as new.
+    p = run("train.py", *TINY, "--data_dir", data_dir, "--out_dir", out_dir, "--resume", "--steps", "40", check=False)
+    assert p.returncode == 1 and "at step 40, so --steps 40 leaves nothing to train" in p.stderr
     # A second run into the same folder must not overwrite that checkpoint.
     p = run("train.py", *TINY, "--data_dir", data_dir, "--out_dir", out_dir, check=False)
     assert p.returncode == 1 and "exists: continue it with --resume" in p.stderr and "Traceback" not in p.stderr
@@ -763,11 +771,16 @@ def test_train_bad_flags_one_line_error(corpus, tmp_path, flags, message):
 
 @pytest.mark.parametrize("flags, message", [
     (["--device", "cdua"], "--device 'cdua' is not a device: use auto, cpu, cuda, cuda:N or mps"),
-    (["--galore_scale", "0"], "--galore_scale 0.0 must be > 0"),
-    (["--proj_start_steps", "-1"], "--proj_start_steps -1 must be >= 0"),
-    (["--warmup_steps", "-5"], "--warmup_steps -5 must be >= 0"),
-    (["--sample_tokens", "-3"], "--sample_tokens -3 must be >= 0"),
-    (["--lr", "nan"], "--lr nan must be >= 0"),
+    (["--galore_scale", "0"], "--galore_scale 0.0 must be > 0 and finite"),
+    (["--proj_start_steps", "-1"], "--proj_start_steps -1 must be >= 0 and finite"),
+    (["--warmup_steps", "-5"], "--warmup_steps -5 must be >= 0 and finite"),
+    (["--sample_tokens", "-3"], "--sample_tokens -3 must be >= 0 and finite"),
+    (["--lr", "nan"], "--lr nan must be >= 0 and finite"),
+    (["--lr", "inf"], "--lr inf must be >= 0 and finite"),
+    (["--galore_scale", "inf"], "--galore_scale inf must be > 0 and finite"),
+    (["--lr", "0.01", "--min_lr", "1"], "--min_lr 1.0 is above --lr 0.01: the schedule decays from --lr to --min_lr"),
+    (["--size", "cpu", "--rank", "300"], "--rank 300 must be between 1 and the model width 256 (cpu) minus 1; "
+                                         "try --rank 64"),
 ])
 def test_check_args_names_the_bad_value(flags, message):
     args = get_args(["--size", "tiny", *flags])
@@ -1069,6 +1082,20 @@ def test_bench_writes_table_json_and_chart(tmp_path):
     assert r["galore"]["state_mb"] < r["adamw"]["state_mb"] and r["galore"]["refresh_ms"] > 0
     assert r["galore_pl"]["grad_mb"] < r["galore"]["grad_mb"] == r["galore"]["param_mb"]
     assert r["adamw"]["peak_mb"] is None  # CPU: peak memory is not measured, and not made up
+
+
+@pytest.mark.slow
+def test_bench_quality_pair_writes_runs_and_reuses_them(tmp_path):
+    flags = ["--quality", "--quality_runs", "pair", "--steps", "4", "--eval_interval", "2", "--eval_iters", "1",
+             "--batch_size", "2", "--block_size", "32", "--out", str(tmp_path / "q.json")]
+    p = run("bench.py", *flags, cwd=tmp_path)  # builds data/stdlib_docstrings_bytes in tmp_path, offline
+    q = json.load(open(tmp_path / "q.json"))
+    assert [(r["optimizer"], r["rank"]) for r in q["runs"]] == [("adamw", None), ("galore", 64)]
+    assert all([s for s, _ in r["curve"]] == [0, 2, 4] and math.isfinite(r["final_val_loss"]) for r in q["runs"])
+    assert q["runs"][1]["state_bytes"] < q["runs"][0]["state_bytes"] and (tmp_path / "q.png").stat().st_size > 1000
+    assert q["tokens"] == 4 * 2 * 32 and "(from" not in p.stdout
+    p = run("bench.py", *flags, cwd=tmp_path)  # the same setup again: both runs are taken from q.json
+    assert p.stdout.count(f"(from {tmp_path / 'q.json'})") == 2 and json.load(open(tmp_path / "q.json")) == q
 
 
 # ------------------------------------------------------------------------- memory planner (memplan.py)

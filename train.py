@@ -38,7 +38,7 @@ from memplan import MemoryTracker
 # at most 3.4% above the plan (library workspaces, rounding), the allocator's reserved memory 8% above that.
 # The CUDA context is not in it: torch.cuda.mem_get_info's free memory already excludes it.
 GPU_OVERHEAD = 1.15
-DEFAULT_RANK = {"tiny": 8, "60M": 128, "125M": 256, "350M": 256, "1B": 512,  # the paper's ranks per size
+DEFAULT_RANK = {"tiny": 8, "cpu": 64, "60M": 128, "125M": 256, "350M": 256, "1B": 512,  # the paper's ranks per size
                 "3B": 640, "7B": 512}  # ours (the paper: 7B 1024): see "Memory" in the README
 
 
@@ -107,12 +107,14 @@ def check_args(args, cfg, world_size):
     """Mistakes a user can make, as one line each (the optimizer checks its own hyperparameters too)."""
     for name in ("lr", "min_lr", "weight_decay", "grad_clip", "warmup_steps", "proj_start_steps", "sample_tokens"):
         v = getattr(args, name)
-        if not v >= 0:  # also catches NaN
-            return f"--{name} {v} must be >= 0"
+        if not 0 <= v < float("inf"):  # also catches NaN
+            return f"--{name} {v} must be >= 0 and finite"
     for name in ("steps", "batch_size", "grad_accum", "block_size", "update_proj_gap", "eval_interval",
                  "eval_iters", "log_interval", "galore_scale"):
-        if not getattr(args, name) > 0:
-            return f"--{name} {getattr(args, name)} must be > 0"
+        if not 0 < getattr(args, name) < float("inf"):
+            return f"--{name} {getattr(args, name)} must be > 0 and finite"
+    if args.min_lr > args.lr:
+        return f"--min_lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min_lr"
     for name in ("out_dir", "data_dir"):
         path = getattr(args, name)
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
@@ -202,6 +204,9 @@ def read_checkpoint(path, cfg, args):
     except Exception as e:  # torch's own message would suggest unpickling untrusted code: not repeated here
         return None, (f"--resume: {path} is not a readable train.py checkpoint ({type(e).__name__}); it is left as "
                       "it is. Start a new run with another --out_dir")
+    if args.steps <= ckpt["step"]:
+        return ckpt, (f"--resume: the checkpoint is at step {ckpt['step']}, so --steps {args.steps} leaves nothing to "
+                      f"train; to continue, give more (e.g. --steps {2 * ckpt['step']})")
     return ckpt, resume_problem(ckpt["args"], args)
 
 
