@@ -4,6 +4,7 @@ Train a Llama on WikiText-103 with GaLoreAdamW (or AdamW for comparison).
     python train.py --size 125M                       # the main job (prepares the data first if needed)
     python train.py --size 60M --optimizer adamw      # the full-rank baseline
     python train.py --size tiny --input my.txt --device cpu --steps 200    # offline, on your own text
+    python train.py --size cpu --input my.txt --tokenizer bytes           # byte-level, a CPU-sized model
     python train.py --size 125M --resume              # continue from out/ckpt.pt
     python train.py --size 7B --batch_size 1 --per_layer --param_dtype bfloat16 --activation_checkpointing --plan
                                                       # predicted peak memory (fake tensors, no GPU, ~16 s)
@@ -11,7 +12,7 @@ Train a Llama on WikiText-103 with GaLoreAdamW (or AdamW for comparison).
 
 Writes to --out_dir: ckpt.pt (atomic, at every eval and at the end), log.jsonl, loss.png. On CUDA the run is
 planned first (memplan.py) and stops with the flags that would make it fit if the GPU is too small.
-Ctrl-C saves a checkpoint and exits. Paper: arXiv 2403.03507.
+Ctrl-C stops within seconds and saves the last finished step (a second Ctrl-C ends at once). Paper: arXiv 2403.03507.
 """
 
 import argparse
