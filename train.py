@@ -168,11 +168,11 @@ def load_data(data_dir, inputs, tokenizer, block_size, master=True, ddp=False):
     """(data_dir, meta) of the data to train on, prepared first if needed (by rank 0 under DDP). data_dir None
     is the default folder: WikiText-103's, or one of its own for --input text. Raises DataError (one line)."""
     explicit, data_dir = data_dir is not None, data_dir or default_data_dir(inputs, tokenizer or "gpt2")
-    if master and (inputs or load_meta(data_dir) is None):  # prepare() refuses to mix sources
-        prepare(data_dir, inputs, tokenizer or "gpt2")
+    if master:  # a complete folder is used as it is; prepare() builds one, and refuses to mix sources
+        meta = (None if inputs else load_meta(data_dir)) or prepare(data_dir, inputs, tokenizer or "gpt2")
     if ddp:
         dist.barrier()
-    meta = load_meta(data_dir)
+        meta = load_meta(data_dir)  # every rank reads what rank 0 prepared
     if not explicit and not inputs and meta["source"] != WIKITEXT:  # own text is never taken for WikiText
         raise DataError(f"{data_dir} holds {meta['source']}, not WikiText-103: move it away, or train on it "
                         f"with --data_dir {data_dir}")
