@@ -534,12 +534,72 @@ class CtrlC:
             raise KeyboardInterrupt  # the press that came while waiting
 
 
+def fail(msg):
+    sys.exit(f"train.py: error: {msg}")  # one line, exit status 1, no traceback
+
+
+def stop_nonfinite(what, step, ckpt_path, master):
+    """A loss, gradient norm or weight that is no longer finite ends the run before it can be saved. Every rank
+    that gets here exits (a loss or grad norm is the same on all of them; the val loss is rank 0's alone, and
+    torchrun then stops the others); rank 0 says why."""
+    if master:
+        kept = f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path) else "nothing was saved"
+        print(f"train.py: error: {what} at step {step}; stopping before it can be saved: {kept}. Try a lower --lr",
+              file=sys.stderr)
+    sys.exit(1)
+
+
+def rng_state(gen):
+    """The run's two random streams: batch sampling (gen) and torch's global one (the randomized SVD's sketch)."""
+    return {"batch": gen.get_state(), "torch": torch.get_rng_state()}
+
+
+def restore(ckpt, model, optimizer, gen):
+    """Weights, optimizer state and random streams from a checkpoint. Returns (step, log) to go on from: the log
+    as it was when saved (lines written after that checkpoint are dropped)."""
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    gen.set_state(ckpt["rng"]["batch"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    return ckpt["step"], ckpt["log"]
+
+
+def ddp_stop(ctrl_c, model, it, check_replicas, device, master):
+    """Under DDP, at the start of each step: whether Ctrl-C was pressed on any rank (all ranks stop at the same
+    step: one raising mid-collective would hang the others); at evals, also a check that the replicas hold
+    bit-identical weights."""
+    stop = torch.tensor(float(ctrl_c.presses > 0), device=device)
+    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    if stop.item():
+        return True
+    if check_replicas:
+        if not replicas_agree(model):
+            fail(f"DDP replicas differ at step {it}; please report this as a bug")
+        if master:
+            print(f"step {it}: weights identical on all {dist.get_world_size()} ranks")
+    return False
+
+
+def print_eta(step, dt, steps):
+    """After the first step of a run (when it is not a log step): its time and how long the run will take."""
+    eta = steps * dt
+    print(f"step {step} took {dt:.1f} s: the {steps} steps of this run take about "
+          + (f"{eta / 60:.0f} min" if eta < 7200 else f"{eta / 3600:.1f} h") + " at this pace, plus evals", flush=True)
+
+
+def print_step(r, steps, eta_s):
+    """The console line of a training step's log record."""
+    norm = "-" if r["grad_norm"] is None else f"{r['grad_norm']:.3f}"
+    print(f"step {r['step']}/{steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | grad norm {norm} | "
+          f"{r['tokens_per_s']:,.0f} tok/s | ETA {eta_s / 60:.1f} min | opt state {r['opt_state_mb']:.1f} MB"
+          + (f" | peak mem {r['peak_mem_gb']:.2f} GB" if r["peak_mem_gb"] is not None else ""))
+
+
 def main(argv=None):
     args = get_args(argv)
     ddp = "RANK" in os.environ  # launched by torchrun
     rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
     master = rank == 0
-    fail = lambda msg: sys.exit(f"train.py: error: {msg}")
     if (msg := check_args(args, model_config(args), world_size)):
         fail(msg)
     if args.plan:  # needs no data, no checkpoint and no GPU
@@ -549,6 +609,7 @@ def main(argv=None):
     if not args.resume and os.path.exists(ckpt_path):  # never overwrite an earlier run's checkpoint by accident
         fail(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir")
 
+    # Device, data, and the checkpoint to resume: every problem is found here, before the model is built.
     args.device = pick_device(args.device, ddp)
     device_type = torch.device(args.device).type
     if args.dtype == "auto":
@@ -579,15 +640,9 @@ def main(argv=None):
         print(f"model {args.size}: {model.num_params():,} parameters, {cfg}")
     optimizer = build_optimizer(model, args, verbose=master)
     gen = torch.Generator().manual_seed(args.seed)  # batch sampling; the same stream on every DDP rank
-    start, log = 0, []
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["rng"]["batch"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        start, log = ckpt["step"], ckpt["log"]  # the log as it was when saved: later lines are dropped
-        if master:
-            print(f"resumed from {ckpt_path} at step {start}")
+    start, log = restore(ckpt, model, optimizer, gen) if ckpt is not None else (0, [])
+    if ckpt is not None and master:
+        print(f"resumed from {ckpt_path} at step {start}")
     del ckpt
     if args.per_layer:
         attach_per_layer_updates(model, optimizer)
@@ -602,20 +657,10 @@ def main(argv=None):
     next_batch = lambda: get_batch(data_dir, "train", args.batch_size, args.block_size, args.device, gen,
                                    rank=rank, world_size=world_size)
 
-    def nonfinite(what, step):
-        # Every rank that gets here exits (a loss or grad norm is the same on all of them; the val loss is rank 0's
-        # alone, and torchrun then stops the others); rank 0 says why.
-        if master:
-            kept = (f"the last good checkpoint is kept in {ckpt_path}" if os.path.exists(ckpt_path)
-                    else "nothing was saved")
-            print(f"train.py: error: {what} at step {step}; stopping before it can be saved: {kept}. "
-                  "Try a lower --lr", file=sys.stderr)
-        sys.exit(1)
-
     def checkpoint(step, rng):
         if master:
             if not all_finite(raw_model, optimizer):  # never replace a good checkpoint with a broken one
-                nonfinite("the weights or optimizer states are no longer finite", step)
+                stop_nonfinite("the weights or optimizer states are no longer finite", step, ckpt_path, master)
             save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
                          "args": vars(args), "step": step, "log": log, "rng": rng}, ckpt_path)
 
@@ -623,31 +668,26 @@ def main(argv=None):
         log.append(record)  # the file is rewritten whole (a resume drops what came after its checkpoint)
         save_atomic(log, os.path.join(args.out_dir, "log.jsonl"), write_jsonl)
 
-    # `done` steps are applied, and `rng` is the state of both random streams at that point; both change
-    # together inside ctrl_c.wait(), so a Ctrl-C anywhere saves a state a resume continues exactly (it repeats
-    # an unfinished step with the same batch).
+    # `done` steps are applied and `rng` is both random streams at that point. They change together with the
+    # weights inside ctrl_c.wait(), so a Ctrl-C anywhere saves a state that a resume continues exactly (it
+    # repeats an unfinished step with the same batch).
     ctrl_c = CtrlC(ddp)
-    done, rng, dt_avg = start, {"batch": gen.get_state(), "torch": torch.get_rng_state()}, None
+    done, rng, dt_avg = start, rng_state(gen), None
     try:
         for it in range(start, args.steps + 1):
-            if ddp:
-                stop = torch.tensor(float(ctrl_c.presses > 0), device=args.device)
-                dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-                if stop.item():
-                    raise KeyboardInterrupt
-                if it % args.eval_interval == 0 and not replicas_agree(raw_model):
-                    fail(f"DDP replicas differ at step {it}; please report this as a bug")
-                if it % args.eval_interval == 0 and master:
-                    print(f"step {it}: weights identical on all {world_size} ranks")
+            if ddp and ddp_stop(ctrl_c, raw_model, it, it % args.eval_interval == 0, args.device, master):
+                raise KeyboardInterrupt
+
+            # Evaluate, log, checkpoint and plot (a resume does not repeat an eval its log already holds).
             is_eval = it % args.eval_interval == 0 or it == args.steps
-            if is_eval and master and not any(r["step"] == it and "val_loss" in r for r in log):  # none before a resume
+            if is_eval and master and not any(r["step"] == it and "val_loss" in r for r in log):
                 slow = it == start and device_type != "cuda"  # say what is happening before the first numbers
                 if slow:
                     print(f"step {it}: evaluating on {args.eval_iters} val batches...", flush=True)
                 val = evaluate(raw_model, data_dir, "val", args.batch_size, args.block_size, args.eval_iters,
                                args.device, ctx, progress=slow)
                 if not math.isfinite(val):
-                    nonfinite(f"validation loss is {val}", it)
+                    stop_nonfinite(f"validation loss is {val}", it, ckpt_path, master)
                 with ctrl_c.wait():
                     write_log({"step": it, "val_loss": val, "val_ppl": perplexity(val), "peak_mem_gb":
                                torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None})
@@ -657,40 +697,36 @@ def main(argv=None):
             if it == args.steps:
                 break
 
+            # One optimizer step: forward and backward over grad_accum micro-batches, then the update.
             lr = get_lr(it, args.lr, args.min_lr, args.warmup_steps, args.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            t0 = time.time()  # time the training step only: evals and checkpoints are not tokens/s
+            t0 = time.time()  # the training step only: evals and checkpoints are not tokens/s
             with ctrl_c.wait() if args.per_layer else nullcontext():  # per-layer: backward updates the weights
                 # .item() is one host-device sync per step: a non-finite loss must stop the run before it is applied
                 lossf = forward_backward(model, next_batch, args.grad_accum, ctx, ddp).item()
                 if not math.isfinite(lossf):
-                    nonfinite(f"loss is {lossf}", it)
-                with ctrl_c.wait():  # the update, its bookkeeping and its log line, as one
+                    stop_nonfinite(f"loss is {lossf}", it, ckpt_path, master)
+                with ctrl_c.wait():  # the update, the record that it happened, and its log line, as one
                     norm = optimizer_step(model, optimizer, args.grad_clip, args.per_layer)
                     norm = None if norm is None else norm.item()
-                    if norm is not None and not math.isfinite(norm):  # not applied: the weights are those of step `it`
-                        nonfinite(f"gradient norm is {norm}", it)
-                    done, rng = it + 1, {"batch": gen.get_state(), "torch": torch.get_rng_state()}
+                    if norm is not None and not math.isfinite(norm):  # not applied: the weights are still step it's
+                        stop_nonfinite(f"gradient norm is {norm}", it, ckpt_path, master)
+                    done, rng = it + 1, rng_state(gen)
                     if device_type == "cuda":
                         torch.cuda.synchronize()
                     dt = time.time() - t0
-                    dt_avg = dt if dt_avg is None or it == start + 1 else 0.9 * dt_avg + 0.1 * dt  # `start` compiles
+                    dt_avg = dt if it <= start + 1 else 0.9 * dt_avg + 0.1 * dt  # step `start` compiles: left out
                     if it == start and master and (it + 1) % args.log_interval:  # how long this run takes, early
-                        eta = (args.steps - start) * dt
-                        print(f"step {it + 1} took {dt:.1f} s: the {args.steps - start} steps of this run take about "
-                              + (f"{eta / 60:.0f} min" if eta < 7200 else f"{eta / 3600:.1f} h")
-                              + " at this pace, plus evals", flush=True)
+                        print_eta(it + 1, dt, args.steps - start)
                     if (it + 1) % args.log_interval == 0 and master:
-                        state_mb = optimizer_state_bytes(optimizer) / 1e6
-                        peak = torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None
-                        write_log({"step": it + 1, "loss": lossf, "lr": lr, "grad_norm": norm, "tokens_per_s":
-                                   tokens_per_step / dt, "opt_state_mb": state_mb, "peak_mem_gb": peak})
-                        print(f"step {it + 1}/{args.steps} | loss {lossf:.4f} | lr {lr:.2e} | "
-                              f"grad norm {'-' if norm is None else f'{norm:.3f}'} | {tokens_per_step / dt:,.0f} tok/s"
-                              f" | ETA {(args.steps - it - 1) * dt_avg / 60:.1f} min | opt state {state_mb:.1f} MB"
-                              + (f" | peak mem {peak:.2f} GB" if peak is not None else ""))
+                        write_log({"step": it + 1, "loss": lossf, "lr": lr, "grad_norm": norm,
+                                   "tokens_per_s": tokens_per_step / dt,
+                                   "opt_state_mb": optimizer_state_bytes(optimizer) / 1e6, "peak_mem_gb":
+                                   torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None})
+                        print_step(log[-1], args.steps, (args.steps - it - 1) * dt_avg)
 
+        # The final figure on the whole val split, saved with the model; and a sample of its text.
         if master:
             val = evaluate(raw_model, data_dir, "val", args.batch_size, args.block_size, None, args.device, ctx)
             with ctrl_c.wait():
