@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from bench import PLAN_VARIANTS
+from bench import LADDER, PLAN_VARIANTS, tune
 from data import (DataError, check_fits, check_token_ids, get_batch, get_encoding, iter_windows, load_meta,
                   prepare, wikitext_documents)
 from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
@@ -30,6 +31,7 @@ from llama import PRESETS, Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables
 from train import (CtrlC, attach_per_layer_updates, build_model, build_optimizer, check_args, device_problem,
                    get_args, get_lr, gpu_memory_problem, model_config, optimizer_step, plan_memory, replicas_agree,
                    resume_problem)
+from train import main as train_main  # in-process, where a test needs to stop it part-way
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -652,6 +654,9 @@ def test_train_end_to_end_loss_goes_down(corpus, tmp_path, optimizer):
     val = [r["val_loss"] for r in read_log(out_dir) if "val_loss" in r]
     assert len(val) == 3 and val[-1] < val[0] - 4.0  # from ln(50304) = 10.8 to the toy corpus' few bits
     assert "done: tiny" in p.stdout and "perplexity" in p.stdout and "sample:" in p.stdout
+    # Step 1 is not a log step (--log_interval 5), yet its time and the run's ETA are printed after it.
+    assert re.search(r"^step 1 took [0-9.]+ s: the 40 steps of this run take about \d+ min", p.stdout, re.M)
+    assert re.search(r"^step 5/40 \| loss [0-9.]+ \| lr [0-9.e+-]+ \| grad norm ", p.stdout, re.M)
     assert os.path.getsize(os.path.join(out_dir, "loss.png")) > 1000
     ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
     assert ckpt["step"] == 40 and ckpt["config"]["dim"] == 64
@@ -669,6 +674,24 @@ def test_train_end_to_end_loss_goes_down(corpus, tmp_path, optimizer):
     p = run("train.py", *TINY, "--data_dir", data_dir, "--out_dir", out_dir, check=False)
     assert p.returncode == 1 and "exists: continue it with --resume" in p.stderr and "Traceback" not in p.stderr
     assert torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["step"] == 40
+
+
+@pytest.mark.slow
+def test_a_large_preset_without_a_gpu_says_so_and_what_to_run_instead(corpus, tmp_path, monkeypatch, capsys):
+    _, data_dir = corpus
+    class Built(Exception):
+        pass
+    def build_model(*args):  # stop main() where it builds the model: the note comes before that
+        raise Built
+    monkeypatch.setattr("train.build_model", build_model)
+    for size, noted in (("60M", True), ("tiny", False), ("cpu", False)):
+        with pytest.raises(Built):
+            train_main(["--size", size, "--device", "cpu", "--block_size", "32", "--data_dir", data_dir,
+                        "--out_dir", str(tmp_path)])
+        out = capsys.readouterr().out
+        assert out.startswith(f"data: {data_dir} ")
+        assert (f"note: {size} trains slowly without a GPU" in out) == noted, out
+        assert ("--size tiny, or --size cpu --tokenizer bytes --input FILE" in out) == noted
 
 
 def interrupt_train(*args, when):
@@ -1096,6 +1119,24 @@ def test_bench_quality_pair_writes_runs_and_reuses_them(tmp_path):
     assert q["tokens"] == 4 * 2 * 32 and "(from" not in p.stdout
     p = run("bench.py", *flags, cwd=tmp_path)  # the same setup again: both runs are taken from q.json
     assert p.stdout.count(f"(from {tmp_path / 'q.json'})") == 2 and json.load(open(tmp_path / "q.json")) == q
+
+
+def test_quality_lr_grid_widens_until_the_best_lr_has_worse_neighbours():
+    # A fake run whose loss is smallest at lr = 10**optimum: the grid must grow toward it, one LADDER step at a
+    # time, and stop once the best has been beaten on both sides (or sits at an end of LADDER).
+    def tuned(lrs, optimum, diverge_above=1.0):
+        tried = []
+        def run(lr):
+            tried.append(lr)
+            loss = float("inf") if lr > diverge_above else 1 + (math.log10(lr) - optimum) ** 2
+            return {"lr": lr, "final_val_loss": loss}
+        return tune(run, lrs)["lr"], tried
+    assert tuned((3e-4, 1e-3, 3e-3), optimum=-3) == (1e-3, [3e-4, 1e-3, 3e-3])       # bracketed: nothing more
+    assert tuned((3e-4, 1e-3, 3e-3), optimum=-1.7) == (3e-2, [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+    assert tuned((3e-3, 1e-2, 3e-2), optimum=-3.4) == (3e-4, [3e-3, 1e-2, 3e-2, 1e-3, 3e-4, 1e-4])
+    assert tuned((3e-3, 1e-2, 3e-2), optimum=0) == (1e-1, [3e-3, 1e-2, 3e-2, 1e-1])  # the end of LADDER
+    assert tuned((3e-3, 1e-2, 3e-2), optimum=-1, diverge_above=2e-2) == (1e-2, [3e-3, 1e-2, 3e-2])  # 3e-2 diverged
+    assert LADDER == tuple(sorted(LADDER))
 
 
 # ------------------------------------------------------------------------- memory planner (memplan.py)
