@@ -16,7 +16,7 @@ activations come on top).
 English text and compares the final validation loss of AdamW and GaLore (section "Quality" of the README):
 
     python bench.py --quality                                 # the 16-run sweep, 54 min on 2 CPU cores
-    python bench.py --quality --quality_runs pair             # AdamW lr 1e-3 vs GaLore r=64 lr 1e-2, ~6.5 min
+    python bench.py --quality --quality_runs pair             # AdamW lr 1e-3 vs GaLore r=64 lr 1e-2, 7 min
 
 --plan runs train.py's memory planner (train.py --plan, memplan.py) for every size and plan variant below: the
 real training steps on fake tensors, batch 1 x 1024 tokens. It writes a JSON record per (size, variant) and a
@@ -31,13 +31,14 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sysconfig
 import time
 
 import torch
 
-from data import get_batch, iter_windows, prepare
+from data import SPLITS, get_batch, iter_windows, load_meta, prepare
 from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
 from train import DEFAULT_RANK, attach_per_layer_updates, get_args, get_lr, plan_memory
@@ -374,6 +375,9 @@ def quality_sweep(args, out):
     os.makedirs("data", exist_ok=True)
     n_docs = docstring_text(text)
     data_dir = os.path.join("data", "stdlib_docstrings_bytes")
+    meta = load_meta(data_dir)
+    if meta and sum(meta[f"{s}_tokens"] for s in SPLITS) != os.path.getsize(text) + 1:  # its bytes + end-of-text
+        shutil.rmtree(data_dir)  # built from another Python's docstrings: this derived folder is rebuilt
     meta = prepare(data_dir, [text], "bytes")
     vocab = 64 * math.ceil(meta["vocab_size"] / 64)  # 257 -> 320, as train.py pads it
     width = PRESETS["cpu"]["dim"]

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1178,7 +1179,13 @@ def test_bench_quality_pair_writes_runs_and_reuses_them(tmp_path):
     assert all([s for s, _ in r["curve"]] == [0, 2, 4] and math.isfinite(r["final_val_loss"]) for r in q["runs"])
     assert q["runs"][1]["state_bytes"] < q["runs"][0]["state_bytes"] and (tmp_path / "q.png").stat().st_size > 1000
     assert q["tokens"] == 4 * 2 * 32 and "(from" not in p.stdout
+    # A byte folder built from another Python's docstrings (same file name, other text) is rebuilt, not trained on.
+    shutil.rmtree(tmp_path / "data" / "stdlib_docstrings_bytes")
+    (tmp_path / "data" / "stdlib_docstrings.txt").write_text("Another Python's docstrings. " * 100)
+    prepare(str(tmp_path / "data" / "stdlib_docstrings_bytes"), [str(tmp_path / "data" / "stdlib_docstrings.txt")],
+            "bytes")
     p = run("bench.py", *flags, cwd=tmp_path)  # the same setup again: both runs are taken from q.json
+    assert "wrote data/stdlib_docstrings_bytes" in p.stdout
     assert p.stdout.count(f"(from {tmp_path / 'q.json'})") == 2 and json.load(open(tmp_path / "q.json")) == q
 
 
