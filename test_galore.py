@@ -1248,6 +1248,14 @@ def test_plan_categories_are_exact_counts(monkeypatch):
         assert plan["end_bytes"] == b["weights"] + state  # after a step: nothing but weights and state is left
 
 
+def test_a_cuda_plan_of_adamw_counts_its_foreach_temporaries(monkeypatch):
+    # On CUDA torch's AdamW runs its multi-tensor kernels, whose temporaries (sqrt(V) of every weight at once) are a
+    # whole model's worth; fake tensors alone would make it fall back to its for-loop and miss them (README, "Memory").
+    plan = plan_memory(_plan_args(monkeypatch, "--optimizer", "adamw"), "cuda")
+    assert plan["peak_phase"].endswith("optimizer step")
+    assert plan["bytes"]["temporaries"] >= plan["bytes"]["gradients"]  # every gradient is held at the step
+
+
 def test_plan_memory_switches_cut_what_they_claim(monkeypatch):
     plan = lambda *flags: plan_memory(_plan_args(monkeypatch, *flags), "cpu")
     # Small batch: the peak comes after backward, with every gradient held (13.0 MB). Per-layer updates free
@@ -1283,8 +1291,10 @@ def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch):
     free = {}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free["bytes"], 80e9))
     args = _plan_args(monkeypatch, *flags, size="tiny")
-    free["bytes"] = base + 1
+    free["bytes"] = base + 1  # the planned bytes x 1.15 (README, "Memory"), to the byte
     assert gpu_memory_problem(args, "cuda") is None
+    free["bytes"] = base - 1
+    assert gpu_memory_problem(args, "cuda") is not None
     free["bytes"] = ckpt + 1
     msg = gpu_memory_problem(args, "cuda")
     assert msg == (f"this run needs about {base / 1e9:.1f} GB of GPU memory but {free['bytes'] / 1e9:.1f} GB are "
