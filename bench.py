@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from data import SPLITS, get_batch, iter_windows, load_meta, prepare
+from data import DataError, get_batch, iter_windows, prepare
 from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
 from train import DEFAULT_RANK, attach_per_layer_updates, get_args, get_lr, plan_memory
@@ -375,10 +375,11 @@ def quality_sweep(args, out):
     os.makedirs("data", exist_ok=True)
     n_docs = docstring_text(text)
     data_dir = os.path.join("data", "stdlib_docstrings_bytes")
-    meta = load_meta(data_dir)
-    if meta and sum(meta[f"{s}_tokens"] for s in SPLITS) != os.path.getsize(text) + 1:  # its bytes + end-of-text
-        shutil.rmtree(data_dir)  # built from another Python's docstrings: this derived folder is rebuilt
-    meta = prepare(data_dir, [text], "bytes")
+    try:
+        meta = prepare(data_dir, [text], "bytes")
+    except DataError:  # e.g. built from another Python's docstrings: this folder is bench.py's own, rebuilt
+        shutil.rmtree(data_dir)
+        meta = prepare(data_dir, [text], "bytes")
     vocab = 64 * math.ceil(meta["vocab_size"] / 64)  # 257 -> 320, as train.py pads it
     width = PRESETS["cpu"]["dim"]
     header = dict(python=platform.python_version(), torch=torch.__version__, text=f"{n_docs} stdlib docstrings",

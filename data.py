@@ -164,10 +164,15 @@ def prepare(data_dir, inputs=None, tokenizer="gpt2", num_threads=None):
     """Build train/val/test.bin and meta.json in data_dir unless complete files are there. Returns the meta.
     inputs=None builds WikiText-103; a complete folder must hold what was asked for (source and tokenizer)."""
     source = WIKITEXT if not inputs else "files: " + " ".join(os.path.abspath(p) for p in inputs)
+    # Your files' total size, kept in meta.json: an edited file (same path, other text) is not taken for the same data
+    input_bytes = sum(os.path.getsize(p) for p in inputs if os.path.isfile(p)) if inputs else None
     if (meta := load_meta(data_dir)) is not None:
         if (meta["source"], meta["tokenizer"]) != (source, tokenizer):
             raise DataError(f"{data_dir} already holds {meta['source']} ({meta['tokenizer']} tokens), not {source} "
                             f"({tokenizer} tokens); choose another --data_dir (nothing was changed)")
+        if meta.get("input_bytes", input_bytes) != input_bytes:
+            raise DataError(f"{data_dir} was built from {meta['input_bytes']:,} bytes of --input, which now hold "
+                            f"{input_bytes:,}: delete {data_dir} to rebuild it from the new text (nothing was changed)")
         print(f"{data_dir}: complete ({meta['train_tokens']:,} train tokens), nothing to do")
         return meta
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
@@ -196,7 +201,7 @@ def prepare(data_dir, inputs=None, tokenizer="gpt2", num_threads=None):
         names = dict(train="train", val="validation", test="test")
         splits = {s: tokenize(wikitext_documents(ds[names[s]]["text"]), enc, s, num_threads) for s in SPLITS}
     meta = dict(source=source, tokenizer=tokenizer, dtype="uint16", vocab_size=enc.n_vocab, eot=enc.eot_token,
-                **{f"{s}_tokens": int(len(arr)) for s, arr in splits.items()})
+                **{f"{s}_tokens": int(len(arr)) for s, arr in splits.items()}, input_bytes=input_bytes)
     # Everything goes into a temporary folder that is renamed when complete (atomic on POSIX): an interrupted
     # run leaves data_dir as it was, never a half-built folder that a later run would take for data.
     tmp = data_dir.rstrip("/\\") + ".tmp"

@@ -560,6 +560,19 @@ def test_damaged_data_folder_is_reported_as_damaged_not_rebuilt(tmp_path):
         prepare(str(tmp_path / "other"), [str(tmp_path / "a.txt")])
 
 
+def test_edited_input_text_is_not_taken_for_the_folder_built_from_it(tmp_path):
+    # Same file, other text: the folder built from the old text must not be reused as if nothing changed.
+    (tmp_path / "a.txt").write_text("The first text. " * 50)
+    data_dir = str(tmp_path / "d")
+    meta = prepare(data_dir, [str(tmp_path / "a.txt")], "bytes")
+    assert prepare(data_dir, [str(tmp_path / "a.txt")], "bytes") == meta  # unchanged: reused
+    (tmp_path / "a.txt").write_text("The first text, edited. " * 50)
+    with pytest.raises(DataError, match=r"built from 800 bytes of --input, which now hold 1,200: delete .*d to "
+                                        "rebuild"):
+        prepare(data_dir, [str(tmp_path / "a.txt")], "bytes")
+    assert load_meta(data_dir) == meta  # nothing was changed
+
+
 def test_token_ids_the_vocabulary_cannot_hold_are_refused(tmp_path):
     (tmp_path / "a.txt").write_text("Some text to tokenize. " * 400)
     prepare(str(tmp_path / "d"), [str(tmp_path / "a.txt")], "gpt2")
