@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,11 +31,10 @@ from data import (DataError, check_fits, check_token_ids, get_batch, get_encodin
                   prepare, wikitext_documents)
 from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables
-from train import (CtrlC, attach_per_layer_updates, build_model, build_optimizer, check_args, device_problem, evaluate,
-                   get_args, get_lr, gpu_memory_problem, model_config, optimizer_step, plan_memory, replicas_agree,
-                   resume_problem)
-from train import main as train_main  # in-process, where a test needs to stop it part-way
-from train import write_jsonl as train_write_jsonl
+from train import (CtrlC, attach_per_layer_updates, build_model, build_optimizer, check_args, ddp_stop, device_problem,
+                   evaluate, get_args, get_lr, gpu_memory_problem, model_config, optimizer_step, plan_memory,
+                   replicas_agree, resume_problem, sample_text)
+from train import main as train_main, write_jsonl as train_write_jsonl  # main in-process: stopped part-way
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -211,6 +211,25 @@ def test_refresh_on_scheduled_steps_for_all_matrices_at_once():
     assert steps == [2, 5, 8, 11]                       # proj_start_steps, then every T
     for s in steps:                                     # every matrix refreshed on each of those steps
         assert sorted(shape for t, shape in opt.refreshes if t == s) == [(8, 16), (12, 12), (16, 8)]
+
+
+def test_a_matrix_without_gradient_at_the_switch_gets_its_projector_at_its_first_gradient():
+    # A matrix can miss the switch to low rank (no gradient that step, e.g. an unused layer). It must then take
+    # its P from its first gradient, not wait for the next scheduled refresh (it has no P to project with).
+    A, B = make_params([(12, 8), (12, 8)])
+    opt = RecordingGaLore([{"params": [A, B], "rank": 3, "update_proj_gap": 4}], lr=1e-2, proj_start_steps=1)
+    for step in range(5):
+        set_grads([A, B], step)
+        if step == 1:  # the switch: B has no gradient
+            B.grad = None
+        opt.step()
+        if step == 2:
+            assert torch.equal(opt.state[B]["P"], GaLoreAdamW.projector(B.grad, 3))  # from its own first gradient
+    assert opt.refreshes == [(1, (12, 8)), (2, (12, 8))]
+    assert opt.state[B]["step"] == 3 and opt.state[B]["exp_avg"].shape == (12, 3)  # low rank since step 2
+    set_grads([A, B], 5)
+    opt.step()  # the schedule is the optimizer's: B's refresh is due with A's, at 1 + T
+    assert opt.refreshes[2:] == [(5, (12, 8)), (5, (12, 8))]
 
 
 @pytest.mark.parametrize("reset", [True, False])
@@ -421,6 +440,17 @@ def test_initial_loss_is_about_ln_vocab():
     assert abs(loss.item() - math.log(50304)) < 0.3
 
 
+def test_generate_is_greedy_at_top_k_1_or_temperature_0_and_slides_past_block_size():
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, hidden_dim=64, block_size=8))
+    greedy = torch.zeros(1, 1, dtype=torch.long)
+    for _ in range(12):  # past block_size: the model sees the last 8 tokens only
+        greedy = torch.cat((greedy, model(greedy[:, -8:])[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    sample = lambda **kw: model.generate(greedy[:, :1], 12, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(sample(top_k=1), greedy) and torch.equal(sample(temperature=0.0), greedy)
+    assert not torch.equal(sample(), greedy)  # temperature 1, no top-k: a real sample (an untrained model)
+
+
 @pytest.mark.parametrize("size, expected", [("60M", 51_061_248), ("125M", 123_587_328),
                                             ("350M", 353_944_576), ("1B", 1_311_033_344),
                                             ("3B", 3_382_646_400), ("7B", 6_682_316_800)])
@@ -605,6 +635,15 @@ def test_whole_split_eval_is_the_mean_loss_over_every_window(tmp_path):
     assert len(x) % 3 != 0  # so that batches of 3 end with a short one
     val = evaluate(model, data_dir, "val", 3, 16, None, "cpu", nullcontext())
     assert val == pytest.approx(model(x, y)[1].item(), rel=1e-6)
+
+
+def test_the_sample_skips_the_padding_ids_the_tokenizer_cannot_decode():
+    # The vocabulary is padded (GPT-2: 50257 -> 50304) and an early model can sample a padding id; decoding it
+    # would end a finished run with a traceback.
+    class Emits:  # a model whose sample holds a padding id between two words
+        def generate(self, idx, n_tokens, **kw):
+            return torch.tensor([[50256, 15496, 50300, 995]])  # end-of-text, "Hello", padding, " world"
+    assert sample_text(Emits(), get_encoding("gpt2"), 3, "cpu", nullcontext(), seed=0) == "Hello world"
 
 
 @pytest.mark.slow
@@ -1020,6 +1059,24 @@ def test_per_layer_updates_equal_normal_steps_across_lr_change_and_refresh():
         assert opt_n.state[p].keys() == opt_p.state[q].keys() and opt_n.state[p]["step"] == opt_p.state[q]["step"]
 
 
+def test_per_layer_updates_take_the_lr_set_after_a_resume():
+    # load_state_dict() replaces the param-group dicts; the backward hooks must read the LR that the training
+    # loop sets on the new ones (train.py restores the checkpoint, then sets the LR every step).
+    model = _small_model()
+    opt = _galore_for(model)
+    attach_per_layer_updates(model, opt)
+    opt.load_state_dict(opt.state_dict())  # as a resume does
+    for group in opt.param_groups:
+        group["lr"] = 0.0  # and weight decay then does nothing either
+    before = [p.detach().clone() for p in model.parameters()]
+    x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(x[:, :-1], x[:, 1:])[1].backward()
+    assert all(p.grad is None for p in model.parameters())  # the hooks ran
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    with pytest.raises(KeyError, match="not a parameter of the optimizer"):
+        opt.step_param(nn.Parameter(torch.zeros(2)))
+
+
 def test_lr_schedule_values():
     lr = lambda it: get_lr(it, lr=1.0, min_lr=0.1, warmup_steps=10, steps=110)
     assert [lr(it) for it in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warmup to lr, reached at warmup - 1
@@ -1045,7 +1102,7 @@ def test_bf16_parameters_train_with_bf16_states():
         opt.zero_grad()
     states = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
     assert states and all(t.dtype == torch.bfloat16 for t in states)
-    assert model.rope_cos.dtype == torch.float32
+    assert model.rope_cos.dtype == torch.float32 and not any("rope" in k for k in model.state_dict())  # not saved
     assert losses[-1] < losses[0] - 1.0
 
 
@@ -1119,16 +1176,23 @@ def _ddp_worker(rank, port, results):
             svd = torch.linalg.svd
             torch.linalg.svd = lambda A, **kw: tuple(t * s for t, s in zip(svd(A, **kw), (-1, 1, -1)))
         opt.step()
-        results[rank] = (opt.state[W]["P"].clone(), W.detach().clone(), replicas_agree(nn.ParameterList([W])))
+        model = nn.ParameterList([W])
+        results[rank] = (opt.state[W]["P"].clone(), W.detach().clone(), replicas_agree(model))
+        # train.py's check at the head of each step: Ctrl-C pressed on rank 1 only stops both ranks at this step
+        results[rank + 4] = ddp_stop(SimpleNamespace(presses=rank), model, 1, False, "cpu", rank == 0)
         with torch.no_grad():
             W[0, 0] += float(rank)  # now the replicas differ by one number
-        results[rank + 2] = replicas_agree(nn.ParameterList([W]))
+        results[rank + 2] = replicas_agree(model)
+        try:  # and at an eval step the run ends with one line (exit status 1) on every rank
+            ddp_stop(SimpleNamespace(presses=0), model, 4, True, "cpu", rank == 0)
+        except SystemExit as e:
+            results[rank + 6] = e.code
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_ddp_projectors_agree_even_if_svd_signs_differ():
+def test_ddp_ranks_share_rank_0s_projector_and_stop_together():
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1138,6 +1202,8 @@ def test_ddp_projectors_agree_even_if_svd_signs_differ():
     (P0, W0, ok0), (P1, W1, ok1) = results[0], results[1]
     assert torch.equal(P0, P1) and torch.equal(W0, W1) and ok0 and ok1  # rank 0's P used by both
     assert results[2] is False and results[3] is False                  # the check sees a 1-number drift
+    assert results[4] is True and results[5] is True                    # one rank's Ctrl-C stops every rank
+    assert results[6] == results[7] == "train.py: error: DDP replicas differ at step 4; please report this as a bug"
 
 
 @pytest.mark.slow
@@ -1151,7 +1217,7 @@ def test_torchrun_ddp_equals_single_process_on_the_same_global_batch(corpus, tmp
     assert p.returncode == 0, p.stdout + p.stderr
     for step in (0, 4, 8):  # replicas compared at every eval, after refreshes at steps 3 and 6
         assert f"step {step}: weights identical on all 2 ranks" in p.stdout
-    assert p.stdout.count("GaLore: 14 matrices") == 1   # only rank 0 prints
+    assert p.stdout.count("GaLore: 14 matrices") == 1 and p.stdout.count("step 8: val loss") == 1  # rank 0 only
     i = common.index("--batch_size") + 1
     single = common[:i] + ["8"] + common[i + 1:]        # one process, batch 2 x 4
     run("train.py", *single, "--out_dir", str(tmp_path / "one"))
@@ -1225,7 +1291,7 @@ def test_quality_lr_grid_widens_until_the_best_lr_has_worse_neighbours():
 # ------------------------------------------------------------------------- memory planner (memplan.py)
 
 
-def _plan_args(monkeypatch, *flags, size="cpu"):
+def _plan_args(*flags, size="cpu"):
     # The `cpu` preset with the byte vocabulary (320 padded): attention and MLP matrices are 97% of its weights.
     return get_args(["--size", size, "--tokenizer", "bytes", "--rank", "64" if size == "cpu" else "8", "--batch_size", "2",
                      "--block_size", "32", *flags])
@@ -1234,15 +1300,15 @@ def _plan_args(monkeypatch, *flags, size="cpu"):
 @pytest.mark.slow
 @pytest.mark.parametrize("size, variant", [("cpu", v) for v in PLAN_VARIANTS] + [("tiny", "adamw"),
                                                                                  ("tiny", "galore_pl_bf16_ckpt")])
-def test_plan_on_fake_tensors_equals_the_same_steps_on_real_tensors(monkeypatch, size, variant):
+def test_plan_on_fake_tensors_equals_the_same_steps_on_real_tensors(size, variant):
     # The issue asked for 1%; on a CPU the fake run reproduces every storage's size and lifetime, to the byte.
-    args = _plan_args(monkeypatch, *PLAN_VARIANTS[variant], size=size)
+    args = _plan_args(*PLAN_VARIANTS[variant], size=size)
     fake, real = plan_memory(args, "cpu"), plan_memory(args, "cpu", fake=False)
     assert fake["peak_bytes"] == real["peak_bytes"] and fake["bytes"] == real["bytes"]
     assert fake["phase_peaks"] == real["phase_peaks"] and fake["peak_phase"] == real["peak_phase"]
 
 
-def test_plan_categories_are_exact_counts(monkeypatch):
+def test_plan_categories_are_exact_counts():
     C, H, L, V, r = 256, 688, 4, 320, 64
     # GaLore state by hand (fp32): attention C x C: M, V (C x r) and P (r x C); w1, w3 (H x C) M, V (H x r) and
     # P (r x C); w2 (C x H, left) P (C x r), M, V (r x H). Plus AdamW's M, V on the embedding and 2L+1 norms.
@@ -1253,7 +1319,7 @@ def test_plan_categories_are_exact_counts(monkeypatch):
                                        (["--param_dtype", "bfloat16"], 2 * n_params, galore_state // 2),
                                        # torch's AdamW also keeps `step` as a 4-byte tensor per parameter tensor
                                        (["--optimizer", "adamw"], 4 * n_params, 2 * 4 * n_params + 4 * (9 * L + 2))):
-        plan = plan_memory(_plan_args(monkeypatch, *flags), "cpu")
+        plan = plan_memory(_plan_args(*flags), "cpu")
         b = plan["bytes"]
         assert b["weights"] == weight_bytes + rope and b["optimizer state"] == state == plan["state_bytes"]
         assert b["gradients"] == weight_bytes  # the peak comes after backward: every gradient is held
@@ -1261,16 +1327,16 @@ def test_plan_categories_are_exact_counts(monkeypatch):
         assert plan["end_bytes"] == b["weights"] + state  # after a step: nothing but weights and state is left
 
 
-def test_a_cuda_plan_of_adamw_counts_its_foreach_temporaries(monkeypatch):
+def test_a_cuda_plan_of_adamw_counts_its_foreach_temporaries():
     # On CUDA torch's AdamW runs its multi-tensor kernels, whose temporaries (sqrt(V) of every weight at once) are a
     # whole model's worth; fake tensors alone would make it fall back to its for-loop and miss them (README, "Memory").
-    plan = plan_memory(_plan_args(monkeypatch, "--optimizer", "adamw"), "cuda")
+    plan = plan_memory(_plan_args("--optimizer", "adamw"), "cuda")
     assert plan["peak_phase"].endswith("optimizer step")
     assert plan["bytes"]["temporaries"] >= plan["bytes"]["gradients"]  # every gradient is held at the step
 
 
-def test_plan_memory_switches_cut_what_they_claim(monkeypatch):
-    plan = lambda *flags: plan_memory(_plan_args(monkeypatch, *flags), "cpu")
+def test_plan_memory_switches_cut_what_they_claim():
+    plan = lambda *flags: plan_memory(_plan_args(*flags), "cpu")
     # Small batch: the peak comes after backward, with every gradient held (13.0 MB). Per-layer updates free
     # each gradient inside backward: at the peak, at most the embedding's (320 x 256) and one matrix's are held.
     # The peak then moves into backward, where activations are still alive, so it drops by less than all of them.
@@ -1294,16 +1360,26 @@ def test_train_plan_needs_no_data_and_prints_the_breakdown(tmp_path):
     assert not (tmp_path / "none").exists() and not (tmp_path / "out").exists()
 
 
+def test_a_gpu_run_that_cannot_fit_stops_before_its_data_is_prepared(tmp_path, monkeypatch):
+    # A first run must not download and tokenize WikiText only to be told that it does not fit. No GPU here: the
+    # device and the check's verdict are stand-ins (the check itself is tested next).
+    monkeypatch.setattr("train.pick_device", lambda device, ddp: "cuda")
+    monkeypatch.setattr("train.gpu_memory_problem", lambda args, device: "this run needs about 99.0 GB (stand-in)")
+    with pytest.raises(SystemExit, match=r"^train.py: error: this run needs about 99.0 GB \(stand-in\)$"):
+        train_main(["--size", "1B", "--data_dir", str(tmp_path / "data"), "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch):
     flags = ["--batch_size", "2", "--block_size", "512", "--optimizer", "adamw"]  # on `tiny`: fewer ops to plan
-    need = {extra: plan_memory(_plan_args(monkeypatch, *flags, *extra, size="tiny"), "cuda")["peak_bytes"] * 1.15
+    need = {extra: plan_memory(_plan_args(*flags, *extra, size="tiny"), "cuda")["peak_bytes"] * 1.15
             for extra in ((), ("--activation_checkpointing",), ("--activation_checkpointing", "--param_dtype",
                                                                   "bfloat16"))}
     base, ckpt, ckpt_bf16 = need.values()
     free = {}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free["bytes"], 80e9))
-    args = _plan_args(monkeypatch, *flags, size="tiny")
+    args = _plan_args(*flags, size="tiny")
     free["bytes"] = base + 1  # the planned bytes x 1.15 (README, "Memory"), to the byte
     assert gpu_memory_problem(args, "cuda") is None
     free["bytes"] = base - 1
@@ -1316,7 +1392,7 @@ def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch):
     assert "with --activation_checkpointing --param_dtype bfloat16 it needs" in gpu_memory_problem(args, "cuda")
     # Smaller micro-batches are the alternative to per-layer updates (which cannot accumulate gradients), never
     # suggested together with them.
-    b1 = plan_memory(_plan_args(monkeypatch, "--batch_size", "1", "--grad_accum", "2", "--block_size", "512",
+    b1 = plan_memory(_plan_args("--batch_size", "1", "--grad_accum", "2", "--block_size", "512",
                                 "--optimizer", "adamw", "--activation_checkpointing", "--param_dtype", "bfloat16",
                                 size="tiny"),
                      "cuda")["peak_bytes"] * 1.15
@@ -1324,7 +1400,7 @@ def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch):
     msg = gpu_memory_problem(args, "cuda")
     assert "with --activation_checkpointing --param_dtype bfloat16 --batch_size 1 --grad_accum 2 it" in msg
     free["bytes"] = 1e3  # every switch already on: nothing left to suggest
-    args = _plan_args(monkeypatch, "--batch_size", "1", "--per_layer", "--param_dtype", "bfloat16",
+    args = _plan_args("--batch_size", "1", "--per_layer", "--param_dtype", "bfloat16",
                       "--activation_checkpointing", size="tiny")
     assert "no memory switch makes it fit; use a smaller --size or --rank" in gpu_memory_problem(args, "cuda")
 

@@ -367,7 +367,8 @@ def plan_memory(args, device_type, fake=True):
 
 def gpu_memory_problem(args, device):
     """On CUDA, before the data and the model are loaded: None if the planned peak fits the GPU's free memory,
-    else one line naming the flags with which it would fit (each candidate is planned too, in seconds)."""
+    else one line naming the flags with which it would fit (each candidate is planned too, in seconds). The
+    vocabulary planned is --tokenizer's (GPT-2's by default): the data's is not read yet."""
     free = torch.cuda.mem_get_info(device)[0]
     need = lambda a: plan_memory(a, "cuda")["peak_bytes"] * GPU_OVERHEAD
     try:
@@ -615,6 +616,8 @@ def main(argv=None):
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     ctx = autocast_context(device_type, args.dtype, args.param_dtype)
+    if device_type == "cuda" and not ddp and (msg := gpu_memory_problem(args, args.device)):
+        fail(msg)  # before the data (a first run downloads it) and the model: an out-of-memory error later says less
     try:
         data_dir, meta = load_data(args.data_dir, args.input, args.tokenizer, args.block_size, master, ddp)
     except DataError as e:
@@ -624,8 +627,6 @@ def main(argv=None):
     ckpt, problem = read_checkpoint(ckpt_path, cfg, args) if args.resume else (None, None)
     if problem:
         fail(problem)
-    if device_type == "cuda" and not ddp and (msg := gpu_memory_problem(args, args.device)):
-        fail(msg)  # before the model: an out-of-memory error minutes later says less
     if master:
         print(f"data: {data_dir} ({meta['source'][:80]}), {meta['train_tokens']:,} train tokens, "
               f"{meta['tokenizer']} tokens (vocabulary {meta['vocab_size']:,}, padded to {cfg.vocab_size:,})")
