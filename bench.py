@@ -39,9 +39,9 @@ import time
 import torch
 
 from data import DataError, get_batch, iter_windows, prepare
-from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
+from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
-from train import DEFAULT_RANK, attach_per_layer_updates, get_args, get_lr, plan_memory
+from train import DEFAULT_RANK, get_args, get_lr, plan_memory  # what train.py runs: its flags, schedule, planner
 
 VARIANTS = {  # name: (optimizer, per_layer, param dtype)
     "adamw": ("adamw", False, torch.float32),

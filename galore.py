@@ -9,6 +9,7 @@ This file depends on torch only: copy it into your project and use it like the o
     from galore import GaLoreAdamW, galore_param_groups
     groups = galore_param_groups(model, rank=128, update_proj_gap=200, scale=0.25)
     opt = GaLoreAdamW(groups, lr=0.01)          # then opt.step() / opt.zero_grad() as usual
+    attach_per_layer_updates(model, opt)        # optional: each weight updated inside backward, less memory
 
 or with hand-made groups in the official format (a group with a 'rank' key is projected):
 
@@ -282,6 +283,19 @@ def galore_param_groups(model, rank, update_proj_gap=200, scale=0.25,
     return [{"params": other},
             {"params": projected, "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale,
              "proj_type": "std"}]
+
+
+def attach_per_layer_updates(model, optimizer):
+    """Per-layer weight updates (LOMO's, which the paper adopts for its memory figures): each parameter is
+    updated by optimizer.step_param(p) as soon as its gradient is complete during backward, and the gradient is
+    freed, so the model's full set of gradients never exists at once. Set the LR before backward and call
+    optimizer.step() after it: every grad is None by then, so step() only advances the schedule's counter.
+    No gradient accumulation and no global-norm clipping: both need all gradients at once."""
+    def hook(p):
+        optimizer.step_param(p)
+        p.grad = None
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(hook)
 
 
 def optimizer_state_bytes(optimizer):

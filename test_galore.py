@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -29,11 +28,11 @@ import torch.nn as nn
 from bench import LADDER, PLAN_VARIANTS, tune
 from data import (DataError, check_fits, check_token_ids, get_batch, get_encoding, iter_windows, load_meta,
                   prepare, wikitext_documents)
-from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
+from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables
-from train import (CtrlC, attach_per_layer_updates, build_model, build_optimizer, check_args, ddp_stop, device_problem,
-                   evaluate, get_args, get_lr, gpu_memory_problem, model_config, optimizer_step, plan_memory,
-                   replicas_agree, resume_problem, sample_text)
+from train import (CtrlC, build_model, build_optimizer, check_args, ddp_stop, device_problem, evaluate, get_args,
+                   get_lr, gpu_memory_problem, model_config, optimizer_step, plan_memory, replicas_agree,
+                   resume_problem, sample_text)
 from train import main as train_main, write_jsonl as train_write_jsonl  # main in-process: stopped part-way
 
 
@@ -1179,12 +1178,12 @@ def _ddp_worker(rank, port, results):
         model = nn.ParameterList([W])
         results[rank] = (opt.state[W]["P"].clone(), W.detach().clone(), replicas_agree(model))
         # train.py's check at the head of each step: Ctrl-C pressed on rank 1 only stops both ranks at this step
-        results[rank + 4] = ddp_stop(SimpleNamespace(presses=rank), model, 1, False, "cpu", rank == 0)
+        results[rank + 4] = ddp_stop(rank == 1, model, 1, False, "cpu", rank == 0)
         with torch.no_grad():
             W[0, 0] += float(rank)  # now the replicas differ by one number
         results[rank + 2] = replicas_agree(model)
         try:  # and at an eval step the run ends with one line (exit status 1) on every rank
-            ddp_stop(SimpleNamespace(presses=0), model, 4, True, "cpu", rank == 0)
+            ddp_stop(False, model, 4, True, "cpu", rank == 0)
         except SystemExit as e:
             results[rank + 6] = e.code
     finally:

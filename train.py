@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from data import (WIKITEXT, DataError, check_token_ids, default_data_dir, get_batch, get_encoding, iter_windows,
                   load_meta, prepare)
-from galore import GaLoreAdamW, galore_param_groups, optimizer_state_bytes
+from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
 from memplan import MemoryTracker
 
@@ -269,17 +269,6 @@ def build_optimizer(model, args, verbose=True, foreach=None):
     # foreach=None is torch's choice: the multi-tensor kernels on CUDA, whose temporaries (e.g. sqrt(V) of every
     # weight at once) make AdamW's peak 20% higher at 1B on an H100; the plan passes the choice explicitly.
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, foreach=foreach)
-
-
-def attach_per_layer_updates(model, optimizer):
-    """Update each parameter as soon as its gradient is complete, then free that gradient: the full set of
-    gradients never exists at once. The LR was set for this step before backward, and optimizer.step() after
-    backward only advances the step counter (every grad is None by then), so schedules match a normal run."""
-    def hook(p):
-        optimizer.step_param(p)
-        p.grad = None
-    for p in model.parameters():
-        p.register_post_accumulate_grad_hook(hook)
 
 
 def forward_backward(model, next_batch, grad_accum, ctx, ddp=False):
@@ -565,11 +554,11 @@ def restore(ckpt, model, optimizer, gen):
     return ckpt["step"], ckpt["log"]
 
 
-def ddp_stop(ctrl_c, model, it, check_replicas, device, master):
+def ddp_stop(pressed, model, it, check_replicas, device, master):
     """Under DDP, at the start of each step: whether Ctrl-C was pressed on any rank (all ranks stop at the same
     step: one raising mid-collective would hang the others); at evals, also a check that the replicas hold
     bit-identical weights."""
-    stop = torch.tensor(float(ctrl_c.presses > 0), device=device)
+    stop = torch.tensor(float(pressed), device=device)
     dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     if stop.item():
         return True
@@ -676,7 +665,7 @@ def main(argv=None):
     done, rng, dt_avg = start, rng_state(gen), None
     try:
         for it in range(start, args.steps + 1):
-            if ddp and ddp_stop(ctrl_c, raw_model, it, it % args.eval_interval == 0, args.device, master):
+            if ddp and ddp_stop(ctrl_c.presses > 0, raw_model, it, it % args.eval_interval == 0, args.device, master):
                 raise KeyboardInterrupt
 
             # Evaluate, log, checkpoint and plot (a resume does not repeat an eval its log already holds).
