@@ -30,9 +30,9 @@ from data import (DataError, check_fits, check_token_ids, get_batch, get_encodin
                   prepare, wikitext_documents)
 from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables
-from train import (CtrlC, build_model, build_optimizer, check_args, ddp_stop, device_problem, evaluate, get_args,
-                   get_lr, gpu_memory_problem, model_config, optimizer_step, plan_memory, replicas_agree,
-                   resume_problem, sample_text)
+from train import (CtrlC, build_model, build_optimizer, check_args, ddp_stop, device_problem, evaluate,
+                   forward_backward, get_args, get_lr, gpu_memory_problem, model_config, optimizer_step,
+                   plan_memory, replicas_agree, resume_problem, sample_text)
 from train import main as train_main, write_jsonl as train_write_jsonl  # main in-process: stopped part-way
 
 
@@ -1076,6 +1076,21 @@ def test_per_layer_updates_take_the_lr_set_after_a_resume():
         opt.step_param(nn.Parameter(torch.zeros(2)))
 
 
+def test_accumulated_micro_batches_give_the_mean_loss_and_gradient_of_the_whole_batch():
+    model = _small_model()
+    xs = torch.randint(0, 512, (3, 2, 17), generator=torch.Generator().manual_seed(0))  # 3 micro-batches of 2 rows
+    batches = iter([(x[:, :-1], x[:, 1:]) for x in xs])
+    loss = forward_backward(model, lambda: next(batches), 3, nullcontext())  # what train.py logs
+    accumulated = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    x = xs.reshape(6, 17)
+    whole = model(x[:, :-1], x[:, 1:])[1]  # one batch of all 6 rows
+    whole.backward()
+    assert loss.item() == pytest.approx(whole.item(), rel=1e-6)  # the mean over micro-batches, not the last one
+    for g, p in zip(accumulated, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
 def test_lr_schedule_values():
     lr = lambda it: get_lr(it, lr=1.0, min_lr=0.1, warmup_steps=10, steps=110)
     assert [lr(it) for it in (0, 4, 9)] == [0.1, 0.5, 1.0]  # linear warmup to lr, reached at warmup - 1
@@ -1165,6 +1180,7 @@ def test_train_memory_switches_end_to_end(corpus, tmp_path):
 
 
 def _ddp_worker(rank, port, results):
+    """One of two gloo processes on the CPU; what rank r saw goes into results[what, r]."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
@@ -1175,17 +1191,33 @@ def _ddp_worker(rank, port, results):
             svd = torch.linalg.svd
             torch.linalg.svd = lambda A, **kw: tuple(t * s for t, s in zip(svd(A, **kw), (-1, 1, -1)))
         opt.step()
-        model = nn.ParameterList([W])
-        results[rank] = (opt.state[W]["P"].clone(), W.detach().clone(), replicas_agree(model))
-        # train.py's check at the head of each step: Ctrl-C pressed on rank 1 only stops both ranks at this step
-        results[rank + 4] = ddp_stop(rank == 1, model, 1, False, "cpu", rank == 0)
+        replicas = nn.ParameterList([W])
+        results["P", rank], results["W", rank] = opt.state[W]["P"].clone(), W.detach().clone()
+        results["agree", rank] = replicas_agree(replicas)
+        # train.py's check at the head of each step: Ctrl-C pressed on rank 1 only stops both ranks at this step.
+        results["stop", rank] = ddp_stop(rank == 1, replicas, 1, False, "cpu", rank == 0)
+
+        # Two micro-steps: DDP is told to all-reduce the gradients on the last one only, and the logged loss is the
+        # mean over micro-steps and ranks (the same NaN verdict everywhere): rank 0 sees 1, rank 1 sees 3.
+        class MeanOfInput(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w, self.syncs = nn.Parameter(torch.ones(())), []
+            def forward(self, x, y):
+                self.syncs.append(self.require_backward_grad_sync)
+                return None, self.w * x.mean()
+        stub = MeanOfInput()
+        batch = lambda: (torch.full((2, 4), 1.0 + 2 * rank), None)
+        results["loss", rank] = forward_backward(stub, batch, 2, nullcontext(), ddp=True).item()
+        results["syncs", rank] = stub.syncs
+
         with torch.no_grad():
             W[0, 0] += float(rank)  # now the replicas differ by one number
-        results[rank + 2] = replicas_agree(model)
-        try:  # and at an eval step the run ends with one line (exit status 1) on every rank
-            ddp_stop(False, model, 4, True, "cpu", rank == 0)
+        results["agree after drift", rank] = replicas_agree(replicas)
+        try:  # and at the next eval step the run ends with one line (exit status 1) on every rank
+            ddp_stop(False, replicas, 4, True, "cpu", rank == 0)
         except SystemExit as e:
-            results[rank + 6] = e.code
+            results["exit", rank] = e.code
     finally:
         dist.destroy_process_group()
 
@@ -1198,11 +1230,12 @@ def test_ddp_ranks_share_rank_0s_projector_and_stop_together():
         port = s.getsockname()[1]
     results = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(port, results), nprocs=2)
-    (P0, W0, ok0), (P1, W1, ok1) = results[0], results[1]
-    assert torch.equal(P0, P1) and torch.equal(W0, W1) and ok0 and ok1  # rank 0's P used by both
-    assert results[2] is False and results[3] is False                  # the check sees a 1-number drift
-    assert results[4] is True and results[5] is True                    # one rank's Ctrl-C stops every rank
-    assert results[6] == results[7] == "train.py: error: DDP replicas differ at step 4; please report this as a bug"
+    both = lambda what: (results[what, 0], results[what, 1])
+    assert torch.equal(*both("P")) and torch.equal(*both("W")) and both("agree") == (True, True)  # rank 0's P
+    assert both("stop") == (True, True)                         # one rank's Ctrl-C stops every rank
+    assert both("loss") == (2.0, 2.0) and both("syncs") == ([False, True], [False, True])
+    assert both("agree after drift") == (False, False)          # the check sees a one-number drift
+    assert both("exit") == ("train.py: error: DDP replicas differ at step 4; please report this as a bug",) * 2
 
 
 @pytest.mark.slow
