@@ -906,6 +906,18 @@ def test_defaults_are_the_papers_recipe():
     assert ranks == {"60M": 128, "125M": 256, "350M": 256, "1B": 512, "3B": 640, "7B": 512}
 
 
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        get_args(["--help"])
+    assert e.value.code == 0
+    options = re.findall(r"^  (--\w+)(.*(?:\n {5,}.*)*)", capsys.readouterr().out, flags=re.M)  # flag, its help
+    defaults = vars(get_args([]))
+    assert sorted(flag[2:] for flag, _ in options) == sorted(defaults)  # (and -h, --help)
+    for flag, text in options:
+        if defaults[flag[2:]] is not False:  # on/off switches are off unless given
+            assert "default" in text, (flag, text)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--device", "cdua"], "--device 'cdua' is not a device: use auto, cpu, cuda, cuda:N or mps"),
     (["--galore_scale", "0"], "--galore_scale 0.0 must be > 0 and finite"),

@@ -46,7 +46,8 @@ DEFAULT_RANK = {"tiny": 8, "cpu": 64, "60M": 128, "125M": 256, "350M": 256, "1B"
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """The docstring as written, and every default that is a value (a None default's help says what it means)."""
     def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in action.help:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "%(default)" in action.help:  # `is`: a default of 0 or 0.0 is a value to show
             return action.help
         return action.help + " (default: %(default)s)"
 
@@ -71,7 +72,8 @@ def get_args(argv=None):
     a("--warmup_steps", type=int, default=None, help="linear LR warmup (default: 10%% of --steps)")
     a("--min_lr", type=float, default=None, help="cosine decays to this (default: 10%% of --lr)")
     a("--weight_decay", type=float, default=0.0, help="decoupled weight decay")
-    a("--grad_clip", type=float, default=None, help="clip the global grad norm (default 1.0; 0 = off)")
+    a("--grad_clip", type=float, default=None, help="clip the global grad norm; 0 = off (default: 1.0, 0 with "
+      "--per_layer)")
     a("--eval_interval", type=int, default=500, help="evaluate and checkpoint every this many steps")
     a("--eval_iters", type=int, default=20, help="validation batches per eval (a fixed slice)")
     a("--log_interval", type=int, default=10, help="steps between log lines")
@@ -83,10 +85,10 @@ def get_args(argv=None):
     a("--per_layer", action="store_true", help="update each weight inside backward (never all grads at once)")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cuda:1")
-    a("--seed", type=int, default=1337)
+    a("--seed", type=int, default=1337, help="seed of the initial weights and of the batch order")
     a("--data_dir", default=None, help="folder of train.bin/val.bin/test.bin/meta.json (default: data/wikitext103, "
       "or data/<first input>_<tokenizer> with --input)")
-    a("--input", nargs="+", metavar="FILE", help="build the data from these text files instead of WikiText")
+    a("--input", nargs="+", metavar="FILE", help="build the data from these text files (default: WikiText-103)")
     a("--tokenizer", default=None, help="for data being built: gpt2 (the default), bytes (UTF-8 bytes, vocabulary "
       "257), or another tiktoken name; a data folder that exists brings its own")
     a("--out_dir", default="out", help="checkpoint, log and plot go here")
