@@ -129,7 +129,8 @@ class Block(nn.Module):
 class Llama(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        assert cfg.dim % cfg.n_heads == 0 and (cfg.dim // cfg.n_heads) % 2 == 0, "head size must be even for RoPE"
+        if cfg.dim % cfg.n_heads or (cfg.dim // cfg.n_heads) % 2:
+            raise ValueError(f"dim {cfg.dim} must be n_heads ({cfg.n_heads}) x an even head size (RoPE rotates pairs)")
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -153,7 +154,9 @@ class Llama(nn.Module):
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
-        assert T <= self.config.block_size, f"sequence of {T} tokens > block_size {self.config.block_size}"
+        if T > self.config.block_size:  # the RoPE tables stop there
+            raise ValueError(f"a sequence of {T} tokens is longer than block_size {self.config.block_size}: crop it "
+                             "(generate() does) or build the model with a larger block_size")
         x = self.tok_emb(idx)                                   # (B, T, C)
         for block in self.layers:
             if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():

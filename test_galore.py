@@ -29,7 +29,7 @@ from bench import LADDER, PLAN_VARIANTS, tune
 from data import (DataError, check_fits, check_token_ids, get_batch, get_encoding, iter_windows, load_meta,
                   prepare, wikitext_documents)
 from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
-from llama import PRESETS, Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables
+from llama import PRESETS, Attention, Llama, LlamaConfig, RMSNorm, apply_rope, rope_tables
 from train import (CtrlC, build_model, build_optimizer, check_args, ddp_stop, device_problem, evaluate,
                    forward_backward, get_args, get_lr, gpu_memory_problem, model_config, optimizer_step,
                    plan_memory, replicas_agree, resume_problem, sample_text)
@@ -382,8 +382,9 @@ def test_sparse_gradient_is_refused_with_the_parameter_name():
     emb = nn.Embedding(10, 4, sparse=True)
     opt = GaLoreAdamW([{"params": list(emb.named_parameters())}])
     emb(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(RuntimeError, match=re.escape("GaLoreAdamW does not support sparse gradients (parameter "
-                                                     "'weight'); use dense gradients, e.g. nn.Embedding(sparse=False)")):
+    message = ("GaLoreAdamW does not support sparse gradients (parameter 'weight'); use dense gradients, "
+               "e.g. nn.Embedding(sparse=False)")
+    with pytest.raises(RuntimeError, match=re.escape(message)):
         opt.step()
 
 
@@ -429,6 +430,31 @@ def test_causality_future_tokens_do_not_change_past_logits():
     logits2, _ = model(idx2)
     torch.testing.assert_close(logits[:, :10], logits2[:, :10])
     assert not torch.allclose(logits[:, 10:], logits2[:, 10:])
+
+
+def test_attention_is_causal_softmax_attention_over_rotated_queries_and_keys():
+    # The attention block against the formula written out: q and k rotated by RoPE (checked against complex
+    # numbers next), softmax(q k^T / sqrt(hd)) over the positions up to each query, times v, then wo.
+    torch.manual_seed(0)
+    cfg = LlamaConfig(dim=32, n_heads=4, block_size=8)
+    attn, (cos, sin) = Attention(cfg), rope_tables(8, 8, cfg.rope_theta)
+    x = torch.randn(2, 6, 32)  # (B, T, C)
+    heads = lambda t: t.view(2, 6, 4, 8)  # (B, T, nh, hd)
+    q, k = apply_rope(heads(attn.wq(x)), cos, sin), apply_rope(heads(attn.wk(x)), cos, sin)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(8)  # (B, nh, T, T)
+    scores = scores.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    y = torch.einsum("bhts,bshd->bthd", scores.softmax(-1), heads(attn.wv(x))).reshape(2, 6, 32)
+    torch.testing.assert_close(attn(x, cos, sin), attn.wo(y))
+
+
+def test_bad_shapes_are_value_errors_naming_the_fix():
+    for dim, n_heads in ((36, 4), (30, 4)):  # head size 9 (odd), 7.5
+        with pytest.raises(ValueError, match=re.escape(f"dim {dim} must be n_heads ({n_heads}) x an even head size")):
+            Llama(LlamaConfig(vocab_size=64, dim=dim, n_heads=n_heads, hidden_dim=64))
+    model = Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, hidden_dim=64, block_size=8))
+    with pytest.raises(ValueError, match="a sequence of 9 tokens is longer than block_size 8: crop it"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+    model(torch.zeros(1, 8, dtype=torch.long))  # block_size itself fits
 
 
 def test_rope_matches_complex_reference():
@@ -1349,8 +1375,8 @@ def test_quality_lr_grid_widens_until_the_best_lr_has_worse_neighbours():
 
 def _plan_args(*flags, size="cpu"):
     # The `cpu` preset with the byte vocabulary (320 padded): attention and MLP matrices are 97% of its weights.
-    return get_args(["--size", size, "--tokenizer", "bytes", "--rank", "64" if size == "cpu" else "8", "--batch_size", "2",
-                     "--block_size", "32", *flags])
+    return get_args(["--size", size, "--tokenizer", "bytes", "--rank", "64" if size == "cpu" else "8",
+                     "--batch_size", "2", "--block_size", "32", *flags])
 
 
 @pytest.mark.slow
