@@ -559,11 +559,6 @@ def test_data_bad_inputs(tmp_path):
         p = run("data.py", "--input", str(tmp_path / "a.txt"), *flags, check=False, cwd=tmp_path)
         assert p.returncode == 1 and msg in p.stderr and "Traceback" not in p.stderr
 
-    class BigTokenizer:
-        name, max_token_value = "cl100k_base", 100276
-    with pytest.raises(DataError, match="ids up to 100276, which do not fit uint16"):
-        check_fits(BigTokenizer())
-
 
 @pytest.mark.slow
 def test_missing_data_offline_says_how_to_go_on(tmp_path):
@@ -614,6 +609,10 @@ def test_damaged_data_folder_is_reported_as_damaged_not_rebuilt(tmp_path):
     with pytest.raises(DataError, match="damaged"):   # and prepare() does not download over it
         prepare(str(d))
     (d / "train.bin").write_bytes(train)
+    meta = json.loads((d / "meta.json").read_text())
+    (d / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "vocab_size"}))
+    with pytest.raises(DataError, match=r"meta.json is damaged \(KeyError\)"):  # a field missing
+        load_meta(str(d))
     (d / "meta.json").write_text("{not json")
     with pytest.raises(DataError, match="meta.json is damaged"):
         load_meta(str(d))
@@ -625,6 +624,41 @@ def test_damaged_data_folder_is_reported_as_damaged_not_rebuilt(tmp_path):
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(DataError, match=r"other holds other files \(notes.txt\)"):
         prepare(str(tmp_path / "other"), [str(tmp_path / "a.txt")])
+
+
+def test_prepare_refuses_what_it_cannot_build_and_clears_an_interrupted_build(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("Some text. " * 100)
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    a, d = str(tmp_path / "a.txt"), str(tmp_path / "d")
+    for inputs, tokenizer, message in (
+            ([str(tmp_path)], "bytes", f"cannot read --input {tmp_path}: Is a directory"),
+            ([str(tmp_path / "latin1.txt")], "bytes", f"--input {tmp_path / 'latin1.txt'} is not UTF-8 text (bad "
+                                                      "byte at offset 3); give UTF-8 text files"),
+            ([a], "gpt5", "unknown tokenizer 'gpt5': use bytes or one of ")):
+        with pytest.raises(DataError, match="^" + re.escape(message)):
+            prepare(d, inputs, tokenizer)
+    class Tokenizer:  # ids up to max_token_value must fit the uint16 files: 65535 does, 65536 does not
+        name = "big"
+    Tokenizer.max_token_value = 65535
+    check_fits(Tokenizer())
+    Tokenizer.max_token_value = 65536
+    monkeypatch.setattr("data.get_encoding", lambda name: Tokenizer())
+    with pytest.raises(DataError, match="ids up to 65536, which do not fit uint16; use a tokenizer with at most "
+                                        "65536 tokens"):
+        prepare(d, [a], "big")  # refused before the text is tokenized
+    monkeypatch.undo()
+    assert not os.path.exists(d) and not os.path.exists(d + ".tmp")  # nothing written
+    os.makedirs(d + ".tmp")  # what an interrupted build leaves: the next build starts over
+    (tmp_path / "d.tmp" / "train.bin").write_bytes(b"stale")
+    meta = prepare(d, [a], "bytes")
+    assert not os.path.exists(d + ".tmp") and os.path.getsize(os.path.join(d, "train.bin")) == 2 * meta["train_tokens"]
+    for block_size, fits in ((meta["val_tokens"] - 1, True), (meta["val_tokens"], False)):  # x and y need one more
+        if fits:
+            get_batch(d, "val", 1, block_size)
+        else:
+            with pytest.raises(DataError, match=f"the val split has {meta['val_tokens']} tokens, too few for "
+                                                f"--block_size {block_size}; use a smaller --block_size or more data"):
+                get_batch(d, "val", 1, block_size)
 
 
 def test_edited_input_text_is_not_taken_for_the_folder_built_from_it(tmp_path):
@@ -650,14 +684,14 @@ def test_token_ids_the_vocabulary_cannot_hold_are_refused(tmp_path):
 
 
 def test_whole_split_windows_cover_every_token_once(tmp_path):
-    (tmp_path / "a.txt").write_text("abcdefghij" * 300)
-    prepare(str(tmp_path / "d"), [str(tmp_path / "a.txt")], "bytes")
-    val = np.fromfile(tmp_path / "d" / "val.bin", dtype=np.uint16)
-    xs, ys = zip(*iter_windows(str(tmp_path / "d"), "val", 3, 16))
-    x, y = torch.cat(xs), torch.cat(ys)
-    n = (len(val) - 1) // 16
-    assert [len(b) for b in xs] == [3] * (n // 3) + ([n % 3] if n % 3 else [])
-    assert x.flatten().tolist() == val[:16 * n].tolist() and y.flatten().tolist() == val[1:16 * n + 1].tolist()
+    # 145 tokens = 9 windows of 16 and the one token that only the last window's target needs; 150 tokens: the
+    # same 9 windows, and the last 5 tokens are never predicted (fewer than block_size + 1 are left over).
+    for n_tokens in (145, 150):
+        np.arange(n_tokens, dtype=np.uint16).tofile(tmp_path / "val.bin")
+        xs, ys = zip(*iter_windows(str(tmp_path), "val", 4, 16))
+        assert [len(b) for b in xs] == [4, 4, 1]
+        assert torch.cat(xs).flatten().tolist() == list(range(144))
+        assert torch.cat(ys).flatten().tolist() == list(range(1, 145))
 
 
 def test_whole_split_eval_is_the_mean_loss_over_every_window(tmp_path):
