@@ -6,7 +6,7 @@ arXiv 2403.03507 (Algorithm 1 is what `GaLoreAdamW._update` implements).
 
 This file depends on torch only: copy it into your project and use it like the official package,
 
-    from galore import GaLoreAdamW, galore_param_groups
+    from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups
     groups = galore_param_groups(model, rank=128, update_proj_gap=200, scale=0.25)
     opt = GaLoreAdamW(groups, lr=0.01)          # then opt.step() / opt.zero_grad() as usual
     attach_per_layer_updates(model, opt)        # optional: each weight updated inside backward, less memory

@@ -494,9 +494,8 @@ def plot(log, path):
         axes[0][1].plot(*zip(*mem))
         axes[0][1].set(xlabel="step", ylabel="GB", title="peak GPU memory")
     fig.tight_layout()
-    fig.savefig(path + ".tmp", format="png")
+    save_atomic(fig, path, lambda fig, tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(path + ".tmp", path)
 
 
 class CtrlC:
