@@ -992,6 +992,8 @@ def test_help_shows_every_default(capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--device", "cdua"], "--device 'cdua' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "meta"], "--device meta: train.py runs on cpu, cuda or mps"),
+    (["--rank", "0"], "--rank 0 must be between 1 and the model width 64 (tiny) minus 1; try --rank 8"),
     (["--galore_scale", "0"], "--galore_scale 0.0 must be > 0 and finite"),
     (["--proj_start_steps", "-1"], "--proj_start_steps -1 must be >= 0 and finite"),
     (["--warmup_steps", "-5"], "--warmup_steps -5 must be >= 0 and finite"),
@@ -1006,6 +1008,14 @@ def test_help_shows_every_default(capsys):
 def test_check_args_names_the_bad_value(flags, message):
     args = get_args(["--size", "tiny", *flags])
     assert check_args(args, model_config(args), 1) == message
+
+
+def test_check_args_accepts_the_edges_of_each_range():
+    for flags in (["--min_lr", "0.01", "--lr", "0.01"],  # a constant LR after warmup
+                  ["--rank", "1"], ["--rank", "63"],      # tiny's width is 64
+                  ["--per_layer"]):                       # its grad_clip default is 0
+        args = get_args(["--size", "tiny", *flags])
+        assert check_args(args, model_config(args), 1) is None, flags
 
 
 def test_unavailable_devices_and_files_for_folders_are_one_line_errors(tmp_path):
