@@ -606,6 +606,7 @@ def main(argv=None):
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     ctx = autocast_context(device_type, args.dtype, args.param_dtype)
+    peak_gb = lambda: torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None  # for the log
     if device_type == "cuda" and not ddp and (msg := gpu_memory_problem(args, args.device)):
         fail(msg)  # before the data (a first run downloads it) and the model: an out-of-memory error later says less
     try:
@@ -680,8 +681,7 @@ def main(argv=None):
                 if not math.isfinite(val):
                     stop_nonfinite(f"validation loss is {val}", it, ckpt_path, master)
                 with ctrl_c.wait():
-                    write_log({"step": it, "val_loss": val, "val_ppl": perplexity(val), "peak_mem_gb":
-                               torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None})
+                    write_log({"step": it, "val_loss": val, "val_ppl": perplexity(val), "peak_mem_gb": peak_gb()})
                     print(f"step {it}: val loss {val:.4f}, perplexity {perplexity(val):.1f}")
                     checkpoint(it, rng)
                     plot(log, os.path.join(args.out_dir, "loss.png"))
@@ -713,8 +713,7 @@ def main(argv=None):
                     if (it + 1) % args.log_interval == 0 and master:
                         write_log({"step": it + 1, "loss": lossf, "lr": lr, "grad_norm": norm,
                                    "tokens_per_s": tokens_per_step / dt,
-                                   "opt_state_mb": optimizer_state_bytes(optimizer) / 1e6, "peak_mem_gb":
-                                   torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None})
+                                   "opt_state_mb": optimizer_state_bytes(optimizer) / 1e6, "peak_mem_gb": peak_gb()})
                         print_step(log[-1], args.steps, (args.steps - it - 1) * dt_avg)
 
         # The final figure on the whole val split, saved with the model; and a sample of its text.
@@ -725,7 +724,7 @@ def main(argv=None):
                 checkpoint(args.steps, rng)  # again, so that the log it holds has the final figure too
             print("sample:", sample_text(raw_model, get_encoding(args.tokenizer), args.sample_tokens, args.device,
                                          ctx, args.seed))
-            peak = f", peak mem {torch.cuda.max_memory_allocated() / 1e9:.2f} GB" if device_type == "cuda" else ""
+            peak = f", peak mem {peak_gb():.2f} GB" if device_type == "cuda" else ""
             print(f"done: {args.size} {args.optimizer}, {args.steps} steps, {args.steps * tokens_per_step:,} tokens | "
                   f"val loss (whole split) {val:.4f}, perplexity {perplexity(val):.2f} | opt state "
                   f"{optimizer_state_bytes(optimizer) / 1e6:.1f} MB{peak}")
