@@ -4,7 +4,9 @@ steps of the Llama presets, with random tokens (no data needed).
 
     python bench.py --sizes tiny,60M                          # CPU: exact tensor bytes; a few minutes
     python bench.py --sizes 60M,125M,350M,1B --batch_size 1   # CUDA: adds peak memory and tokens/s
-    python bench.py --svd                                     # projector refresh: full vs randomized SVD
+    python bench.py --svd                                     # one projector: full, randomized, subspace
+    python bench.py --speed --sizes 125M                      # optimizer step, refresh, launches, tok/s
+    python bench.py --speed --count_only --sizes 125M,1B,7B   # kernel launches per step (fake tensors)
     python bench.py --plan --sizes 125M,350M,1B,3B,7B         # planned peak memory (fake tensors, any machine)
 
 Writes a table to stdout, --out JSON and a bar chart (--out with .png). On CUDA, peak memory is
@@ -15,8 +17,9 @@ activations come on top).
 --quality trains the `cpu` preset (3.25M parameters, 97% of them in the projected matrices) on byte-level
 English text and compares the final validation loss of AdamW and GaLore (section "Quality" of the README):
 
-    python bench.py --quality                                 # the 16-run sweep, 54 min on 2 CPU cores
+    python bench.py --quality                                 # the 17-run sweep, ~58 min on 2 CPU cores
     python bench.py --quality --quality_runs pair             # AdamW lr 1e-3 vs GaLore r=64 lr 1e-2, 7 min
+    python bench.py --quality --quality_runs refresh          # exact SVD vs subspace iteration, 3 pairs
 
 --plan runs train.py's memory planner (train.py --plan, memplan.py) for every size and plan variant below: the
 real training steps on fake tensors, batch 1 x 1024 tokens. It writes a JSON record per (size, variant) and a
@@ -27,6 +30,7 @@ that fits on real tensors and records torch.cuda.max_memory_allocated next to it
 import argparse
 import ast
 import gc
+import importlib.util
 import json
 import math
 import os
@@ -36,7 +40,11 @@ import statistics
 import sysconfig
 import time
 
+from contextlib import nullcontext
+
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import DataError, get_batch, iter_windows, prepare
 from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
@@ -103,13 +111,13 @@ def bench_one(size, variant, args, device):
             p.register_post_accumulate_grad_hook(
                 lambda p: grad_bytes.__setitem__(0, max(grad_bytes[0], p.grad.numel() * p.grad.element_size())))
         attach_per_layer_updates(model, optimizer)
-    svd_s = [0.0]  # time inside projector computations (SVDs): the cost of the refreshes
+    svd_s = [0.0]  # time inside projector computations (SVDs, power steps): the cost of the refreshes
     if opt_name == "galore":
         projector = optimizer.projector
-        def timed_projector(G, r, svd):
+        def timed_projector(G, r, svd, P=None):
             sync(device)
             t0 = time.perf_counter()
-            P = projector(G, r, svd)
+            P = projector(G, r, svd, P)
             sync(device)
             svd_s[0] += time.perf_counter() - t0
             return P
@@ -155,21 +163,162 @@ def bench_one(size, variant, args, device):
         refresh_ms=1e3 * t_refresh)
 
 
-def svd_bench(args, device):
-    """Time one projector computation, full SVD vs randomized (torch.svd_lowrank), and how much of the
-    gradient's energy the randomized subspace captures relative to the exact top-r one."""
+class LaunchCounter(TorchDispatchMode):
+    """Counts the operators that launch a GPU kernel: every aten operator but views (and _unsafe_view, a
+    reshape), detach and reading a CPU scalar. A _foreach_* operator over many tensors counts once."""
+    SKIP = ("aten.detach.", "aten._unsafe_view.", "aten._local_scalar_dense.", "aten.lift_fresh.")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        self.count += name.startswith("aten.") and not func.is_view and not name.startswith(self.SKIP)
+        return func(*args, **(kwargs or {}))
+
+
+SPEED_IMPLS = {  # name: (what, svd)
+    "adamw": ("torch.optim.AdamW(foreach=True)", None),
+    "galore_subspace": ("GaLoreAdamW, batched step, svd='subspace'", "subspace"),
+    "galore_full": ("GaLoreAdamW, batched step, svd='full'", "full"),
+    "galore_loop": ("GaLoreAdamW(foreach=False), one matrix at a time (the default on a CPU), svd='subspace'",
+                    "subspace"),
+    "galore_loop_full": ("GaLoreAdamW(foreach=False, svd='full'): as before the batched step and the subspace "
+                         "refresh", "full"),
+    "official": ("galore_torch.GaLoreAdamW 1.0 (the paper's code)", "full"),
+}
+
+
+def speed_optimizer(impl, model, rank, gap):
+    if impl == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+    groups = galore_param_groups(model, rank, gap, 0.25, verbose=False)
+    if impl == "official":
+        from galore_torch import GaLoreAdamW as Official  # optional: pip install galore-torch
+        unnamed = [{**g, "params": [p for _, p in g["params"]]} for g in groups]  # it takes no (name, p) pairs
+        return Official(unnamed, lr=1e-3, no_deprecation_warning=True)
+    return GaLoreAdamW(groups, lr=1e-3, svd=SPEED_IMPLS[impl][1], foreach=not impl.startswith("galore_loop"))
+
+
+def count_launches(size, impl, rank, gap):
+    """Kernel-launching operators of one plain optimizer step (the one after the first), on fake tensors: no
+    memory, nothing computed, so any size can be counted on any machine."""
+    with FakeTensorMode():
+        model = Llama(LlamaConfig(**PRESETS[size]))
+        optimizer = speed_optimizer(impl, model, rank, gap)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer.step()  # states and projectors created
+        counter = LaunchCounter()
+        with counter:
+            optimizer.step()
+    return counter.count
+
+
+def set_refresh_due(optimizer, impl, gap):
+    """Make the next step a projector refresh (for every matrix at once)."""
+    if impl.startswith("galore"):
+        optimizer.steps_taken = gap * math.ceil(optimizer.steps_taken / gap)
+    elif impl == "official":  # it refreshes a matrix when its own step count is a multiple of T
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if "rank" in group:
+                    optimizer.state[p]["step"] = gap * math.ceil(optimizer.state[p]["step"] / gap)
+
+
+def speed_one(size, impl, args, device):
+    """ms per plain optimizer step and per refresh (the refresh step's time less a plain step's), and tok/s of
+    whole training steps (forward, backward, step) with the refresh amortized over T = args.gap."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(**{**PRESETS[size], "block_size": args.block_size})).to(device)
+    rank = args.rank or DEFAULT_RANK[size]
+    optimizer = speed_optimizer(impl, model, rank, args.gap)
+    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
+    compiled = torch.compile(model) if args.compile else model
+    g = torch.Generator().manual_seed(0)
+
+    def timed(fn):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - t0
+
+    def forward_backward():
+        x = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=g).to(device)
+        with ctx:
+            _, loss = compiled(x[:, :-1], x[:, 1:])
+        loss.backward()
+
+    forward_backward()
+    optimizer.step()  # states and first projectors created (not timed), then a warm-up plain step
+    optimizer.step()
+    plain = statistics.median(timed(optimizer.step) for _ in range(args.steps))
+    refresh = []
+    for _ in range(2 if device.type == "cpu" else 3):
+        set_refresh_due(optimizer, impl, args.gap)
+        refresh.append(timed(optimizer.step) - plain if impl != "adamw" else 0.0)
+    optimizer.zero_grad(set_to_none=True)
+    whole = statistics.median(timed(lambda: (forward_backward(), optimizer.step(),
+                                             optimizer.zero_grad(set_to_none=True))) for _ in range(args.steps))
+    tokens = args.batch_size * args.block_size
+    return dict(size=size, impl=impl, what=SPEED_IMPLS[impl][0], rank=None if impl == "adamw" else rank,
+                launches=count_launches(size, impl, rank, args.gap), opt_step_ms=1e3 * plain,
+                refresh_ms=1e3 * statistics.median(refresh), step_ms=1e3 * whole, tokens_per_s=tokens / whole,
+                tokens_per_s_amortized=tokens / (whole + statistics.median(refresh) / args.gap))
+
+
+def speed_bench(args, device, device_name):
+    impls = [i for i in args.variants.split(",") if i != "official" or importlib.util.find_spec("galore_torch")]
+    if not args.count_only:
+        print(f"{device_name}, batch {args.batch_size} x {args.block_size} tokens, refresh amortized over "
+              f"T = {args.gap}")
+    print(f"{'size':>5} {'optimizer':>16} {'launches':>8}" + ("" if args.count_only else
+          f" {'opt step ms':>11} {'refresh ms':>10} {'tok/s':>8} {'tok/s T':>8} {'vs adamw':>8}"))
     rows = []
-    for (m, n), r in [((768, 768), 128), ((2048, 768), 128), ((2048, 2048), 512), ((2048, 5461), 512)]:
+    for size in args.sizes.split(","):
+        for impl in impls:
+            if args.count_only:  # no real tensors: any size on any machine
+                rank = args.rank or DEFAULT_RANK[size]
+                r = dict(size=size, impl=impl, rank=rank, launches=count_launches(size, impl, rank, args.gap))
+                rows.append(r)
+                print(f"{size:>5} {impl:>16} {r['launches']:8d}", flush=True)
+                continue
+            r = speed_one(size, impl, args, device)
+            base = next((b for b in rows if b["size"] == size and b["impl"] == "adamw"), None)
+            r["vs_adamw"] = r["tokens_per_s_amortized"] / base["tokens_per_s"] if base else None
+            rows.append(r)
+            print(f"{size:>5} {impl:>16} {r['launches']:8d} {r['opt_step_ms']:11.1f} {r['refresh_ms']:10.1f} "
+                  f"{r['tokens_per_s']:8.0f} {r['tokens_per_s_amortized']:8.0f} "
+                  + (f"{r['vs_adamw']:7.2f}x" if r["vs_adamw"] else "       -"), flush=True)
+    return rows
+
+
+def svd_bench(args, device):
+    """Time one projector computation: the exact SVD, the randomized one (torch.svd_lowrank) and one step of
+    subspace iteration from the previous P, and how much of the gradient's energy each subspace keeps relative
+    to the exact top-r one."""
+    rows = []
+    for (m, n), r in [((768, 768), 256), ((2048, 768), 256), ((2048, 2048), 512), ((2048, 5461), 512)]:
         g = torch.Generator().manual_seed(0)
         # A gradient-like matrix: a decaying spectrum (sigma_i ~ 1/i) plus noise. Pure Gaussian noise has a
         # flat spectrum, the worst case for a randomized SVD and nothing like a real gradient.
         k = min(m, n)
-        U = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
-        V = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
-        G = ((U / torch.arange(1, k + 1)) @ V.T + 1e-3 * torch.randn(m, n, generator=g)).to(device)
+        def spectrum_matrix():
+            U = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
+            V = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+            return (U / torch.arange(1, k + 1)) @ V.T + 1e-3 * torch.randn(m, n, generator=g)
+        G = spectrum_matrix().to(device)
+        # The previous refresh's gradient: G plus as much again of a matrix with other singular vectors, so the
+        # previous P is far from G's own (a hard case for a warm start; a real gradient drifts less in T steps).
+        P_prev = GaLoreAdamW.projector(G + spectrum_matrix().to(device), r, "full")
         timings = {}
         for name, fn in (("full", lambda: GaLoreAdamW.projector(G, r, "full")),
-                         ("randomized", lambda: GaLoreAdamW.projector(G, r, "randomized"))):
+                         ("randomized", lambda: GaLoreAdamW.projector(G, r, "randomized")),
+                         ("subspace", lambda: GaLoreAdamW.projector(G, r, "subspace", P_prev))):
             fn()
             sync(device)
             ts = []
@@ -180,13 +329,18 @@ def svd_bench(args, device):
                 ts.append(time.perf_counter() - t0)
             timings[name] = statistics.median(ts)
         energy = lambda P: GaLoreAdamW.project(G, P).norm() ** 2  # |R|^2: the gradient the subspace keeps
-        ratio = (energy(GaLoreAdamW.projector(G, r, "randomized"))
-                 / energy(GaLoreAdamW.projector(G, r, "full")))
-        rows.append(dict(shape=f"{m}x{n}", rank=r, full_ms=1e3 * timings["full"],
-                         randomized_ms=1e3 * timings["randomized"], speedup=timings["full"] / timings["randomized"],
-                         energy_ratio=ratio.item()))
-        print(f"{m:>5}x{n:<5} r={r:<4} full SVD {rows[-1]['full_ms']:9.1f} ms | randomized {rows[-1]['randomized_ms']:8.1f}"
-              f" ms | {rows[-1]['speedup']:5.1f}x faster | energy captured vs exact {rows[-1]['energy_ratio']:.4f}")
+        exact = energy(GaLoreAdamW.projector(G, r, "full"))
+        row = dict(shape=f"{m}x{n}", rank=r, full_ms=1e3 * timings["full"])
+        for name, P in (("randomized", GaLoreAdamW.projector(G, r, "randomized")),
+                        ("subspace", GaLoreAdamW.projector(G, r, "subspace", P_prev))):
+            row.update({f"{name}_ms": 1e3 * timings[name], f"{name}_speedup": timings["full"] / timings[name],
+                        f"{name}_energy": (energy(P) / exact).item()})
+        row["previous_energy"] = (energy(P_prev) / exact).item()  # what the warm start began from
+        rows.append(row)
+        print(f"{m:>5}x{n:<5} r={r:<4} full SVD {row['full_ms']:8.1f} ms | randomized {row['randomized_ms']:7.1f} ms "
+              f"{row['randomized_speedup']:5.1f}x energy {row['randomized_energy']:.4f} | subspace "
+              f"{row['subspace_ms']:7.1f} ms {row['subspace_speedup']:5.1f}x energy {row['subspace_energy']:.4f} "
+              f"(previous P {row['previous_energy']:.4f})", flush=True)
     return rows
 
 
@@ -199,7 +353,7 @@ def plan_sweep(args, device):
     for size in args.sizes.split(","):
         for variant in args.variants.split(","):
             flags = ["--size", size, "--batch_size", str(args.batch_size), "--block_size", str(args.block_size),
-                     *(["--svd", args.svd_method] if args.svd_method != "full" else []),
+                     "--svd", args.svd_method,
                      *(["--rank", str(args.rank)] if args.rank else []), *PLAN_VARIANTS[variant]]
             t0 = time.perf_counter()
             plan = plan_memory(get_args(flags), "cuda")
@@ -388,6 +542,8 @@ def quality_sweep(args, out):
                   * args.block_size, alpha=args.alpha, model="cpu", params=None, runs=[])
     header["params"] = Llama(LlamaConfig(**{**PRESETS["cpu"], "vocab_size": vocab})).num_params()
     runs = header["runs"]
+    # What is written and returned: this invocation's runs, then those of earlier ones that it did not ask for.
+    result = lambda: dict(header, runs=runs + [d for d in done.values() if key(d) not in map(key, runs)])
     # Runs already in `out` with the same setup are reused: an interrupted sweep goes on where it stopped.
     key = lambda r: (r["optimizer"], r["lr"], r["rank"], r["gap"], r["reset"], r["svd"])
     done = {}
@@ -402,7 +558,7 @@ def quality_sweep(args, out):
         k = (optimizer, lr, rank, gap if galore else None, reset if galore else None, svd if galore else None)
         r = done.get(k) or quality_run(data_dir, vocab, args, optimizer, lr, rank, gap, reset, svd)
         runs.append(r)
-        write_json(header, out)
+        write_json(result(), out)
         print(f"{optimizer:>17} lr {lr:<7g} rank {str(r['rank'] or '-'):>4} T {str(r['gap'] or '-'):>4} "
               f"reset {str(r['reset'] if r['reset'] is not None else '-'):>5} svd {r['svd'] or '-':>10} | "
               f"final val loss {r['final_val_loss']:.4f} | state {r['state_bytes'] / 1e6:6.2f} MB | "
@@ -412,7 +568,13 @@ def quality_sweep(args, out):
     if args.quality_runs == "pair":  # AdamW and GaLore at rank width/4 at their default lrs
         run("adamw", 1e-3)
         run("galore", 1e-2, rank=width // 4)
-        return header
+        return result()
+    if args.quality_runs == "refresh":  # the exact SVD against subspace iteration, same lr, T and seed
+        for rank, gap in ((width // 4, 200), (width // 4, 50), (width // 2, 200)):
+            exact, fast = (run("galore", 1e-2, rank=rank, gap=gap, svd=svd) for svd in ("full", "subspace"))
+            print(f"rank {rank} T {gap}: subspace / exact SVD final val loss = {fast['final_val_loss']:.4f} / "
+                  f"{exact['final_val_loss']:.4f} = {fast['final_val_loss'] / exact['final_val_loss']:.4f}")
+        return result()
     # Starting grids: AdamW's best was 1e-3 at this size and GaLore's 1e-2 (it moves its matrices by
     # lr x alpha; the paper uses 1e-3 for AdamW and 1e-2 for GaLore); tune() widens them where needed.
     adamw = tune(lambda lr: run("adamw", lr), (3e-4, 1e-3, 3e-3))
@@ -423,10 +585,11 @@ def quality_sweep(args, out):
     run("galore", lr, rank=width // 4, gap=50)
     run("galore", lr, rank=width // 4, reset=False)
     run("galore", lr, rank=width // 4, svd="randomized")
+    run("galore", lr, rank=width // 4, svd="subspace")
     for r, b in sorted(by_rank.items()):
         print(f"rank {r}: best GaLore (lr {b['lr']:g}) / best AdamW (lr {adamw['lr']:g}) final val loss = "
               f"{b['final_val_loss']:.4f} / {adamw['final_val_loss']:.4f} = {b['final_val_loss'] / adamw['final_val_loss']:.4f}")
-    return header
+    return result()
 
 
 def quality_chart(result, path):
@@ -438,7 +601,7 @@ def quality_chart(result, path):
     runs = result["runs"]
     label = lambda r: (f"{r['optimizer']} lr {r['lr']:g}" + (f" r={r['rank']}" if r["rank"] else "")
                        + (f" T={r['gap']}" if r["gap"] not in (None, 200) else "")
-                       + (" no reset" if r["reset"] is False else "") + (" randomized" if r["svd"] == "randomized" else ""))
+                       + (" no reset" if r["reset"] is False else "") + (f" {r['svd']}" if r["svd"] not in (None, "full") else ""))
     groups = {}
     for r in runs:
         if r["optimizer"] != "galore" or (r["gap"], r["reset"], r["svd"]) == (200, True, "full"):
@@ -475,11 +638,16 @@ def main():
     p.add_argument("--activation_checkpointing", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--svd", action="store_true", help="time full vs randomized SVD instead")
+    p.add_argument("--speed", action="store_true", help="optimizer step, refresh, launches and tok/s of each "
+                   f"optimizer implementation, side by side ({', '.join(SPEED_IMPLS)})")
+    p.add_argument("--count_only", action="store_true", help="with --speed: only count the launches (fake tensors)")
     p.add_argument("--plan", action="store_true", help="planned peak memory of each size and plan variant")
-    p.add_argument("--svd_method", default="full", choices=["full", "randomized"], help="projector of the runs")
+    p.add_argument("--svd_method", default="subspace", choices=["full", "randomized", "subspace"],
+                   help="projector of the runs")
     p.add_argument("--svd_repeats", type=int, default=3)
     p.add_argument("--quality", action="store_true", help="AdamW vs GaLore final val loss on byte-level text (CPU)")
-    p.add_argument("--quality_runs", default="sweep", choices=["sweep", "pair"], help="with --quality")
+    p.add_argument("--quality_runs", default="sweep", choices=["sweep", "pair", "refresh"],
+                   help="with --quality: the whole sweep, AdamW vs GaLore, or exact SVD vs subspace iteration")
     p.add_argument("--alpha", type=float, default=0.25, help="GaLore scale, with --quality")
     p.add_argument("--eval_interval", type=int, default=50, help="with --quality")
     p.add_argument("--eval_iters", type=int, default=10, help="with --quality")
@@ -501,6 +669,12 @@ def main():
                 block_size=args.block_size, activation_checkpointing=args.activation_checkpointing)
     if args.svd:
         write_json(dict(meta, svd=svd_bench(args, device)), args.out)
+        return
+    if args.speed:
+        if args.variants == ",".join(VARIANTS):
+            args.variants = ",".join(SPEED_IMPLS)
+        write_json(dict(meta, gap=args.gap, speed=speed_bench(args, device, device_name)), args.out)
+        print(f"wrote {args.out}")
         return
     if args.plan:
         if args.variants == ",".join(VARIANTS):

@@ -67,8 +67,8 @@ def get_args(argv=None):
     a("--proj_start_steps", type=int, default=0, help="full-rank AdamW steps before GaLore starts")
     a("--galore_scale", type=float, default=0.25, help="GaLore alpha, scale of the projected update")
     a("--no_reset", action="store_true", help="keep the moments at a refresh (official GaLore behaviour)")
-    a("--svd", default="full", choices=["full", "randomized"],
-      help="projector: exact SVD, or the faster randomized torch.svd_lowrank")
+    a("--svd", default="subspace", choices=["full", "randomized", "subspace"],
+      help="projector refresh: exact SVD, randomized torch.svd_lowrank, or subspace iteration from the previous P")
     a("--warmup_steps", type=int, default=None, help="linear LR warmup (default: 10%% of --steps)")
     a("--min_lr", type=float, default=None, help="cosine decays to this (default: 10%% of --lr)")
     a("--weight_decay", type=float, default=0.0, help="decoupled weight decay")
@@ -147,10 +147,13 @@ def resume_problem(saved_args, args):
     state cannot honour a change (P has the saved rank, the schedule the saved gap), and torch's
     load_state_dict would silently restore the saved hyperparameters anyway."""
     for name in RESUME_FIXED:
-        if name in saved_args and saved_args[name] != getattr(args, name):
-            return (f"--resume: --{name} {getattr(args, name)} differs from the checkpoint's {saved_args[name]}; a "
-                    "resumed run keeps the optimizer settings it was saved with: drop the flag, or start a new run "
-                    "in another --out_dir")
+        saved, value = saved_args.get(name), getattr(args, name)
+        if name in saved_args and saved != value:
+            # "use the saved value" also covers a default that changed since the checkpoint was written
+            fix = (f"use --{name} {saved}" if not isinstance(saved, bool)
+                   else f"drop --{name}" if value else f"add --{name}")
+            return (f"--resume: --{name} {value} differs from the checkpoint's {saved}; a resumed run keeps the "
+                    f"optimizer settings it was saved with: {fix}, or start a new run in another --out_dir")
     return None
 
 
@@ -264,12 +267,12 @@ def autocast_context(device_type, dtype, param_dtype):
 def build_optimizer(model, args, verbose=True, foreach=None):
     if args.optimizer == "galore":
         groups = galore_param_groups(model, args.rank, args.update_proj_gap, args.galore_scale, verbose=verbose)
-        return GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
-                           proj_start_steps=args.proj_start_steps, reset_on_update=not args.no_reset, svd=args.svd)
+        return GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay, proj_start_steps=args.proj_start_steps,
+                           reset_on_update=not args.no_reset, svd=args.svd, foreach=foreach)
     if args.per_layer:  # needs step_param(); GaLoreAdamW without 'rank' is AdamW to the last bit (tested)
         return GaLoreAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    # foreach=None is torch's choice: the multi-tensor kernels on CUDA, whose temporaries (e.g. sqrt(V) of every
-    # weight at once) make AdamW's peak 20% higher at 1B on an H100; the plan passes the choice explicitly.
+    # foreach=None is torch's choice (and GaLoreAdamW's): the multi-tensor kernels on CUDA, whose temporaries (e.g.
+    # sqrt(V) of every weight at once) make AdamW's peak 20% higher at 1B on an H100; the plan passes it explicitly.
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, foreach=foreach)
 
 
