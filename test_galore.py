@@ -1078,7 +1078,7 @@ def test_train_bad_flags_one_line_error(corpus, tmp_path, flags, message):
 def test_defaults_are_the_papers_recipe():
     # README, "How the defaults were chosen": lr 0.01 (AdamW 1e-3), alpha 0.25, T = 200, 10% warmup, cosine to
     # 10% of lr, no weight decay, grad clip 1.0 (off with per-layer updates), reset on, no full-rank warmup,
-    # refreshes by subspace iteration (README, "Projector refresh"), 5000 steps of 8 x 1024 tokens, and the
+    # refreshes by subspace iteration (README, "Speed"), 5000 steps of 8 x 1024 tokens, and the
     # paper's rank per size (ours at 3B and 7B).
     a = get_args([])
     assert (a.size, a.optimizer, a.lr, a.galore_scale, a.update_proj_gap, a.steps, a.batch_size, a.block_size) == \
