@@ -4,7 +4,8 @@ causal self-attention with F.scaled_dot_product_attention.
 
     from llama import Llama, LlamaConfig, PRESETS
     model = Llama(LlamaConfig(**PRESETS["125M"]))
-    logits, loss = model(idx, targets)        # idx, targets: (B, seq_len) int64
+    logits, loss = model(idx, targets)        # idx, targets: (B, seq_len) int64; logits None past loss_chunk
+    logits, _ = model(idx)                    # (B, seq_len, vocab)
 
 Sizes are those of the GaLore paper's Llama runs (arXiv 2403.03507, Table 9) with the GPT-2 vocabulary
 (50257 tokens, padded to 50304, a multiple of 64, for faster matmuls). The input embedding and the output head
@@ -34,6 +35,7 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
+    loss_chunk: int = 1024       # tokens per chunk of the output head + loss when targets are given; 0 = all at once
 
 
 PRESETS = {
@@ -126,6 +128,49 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class ChunkedHeadLoss(torch.autograd.Function):
+    """F.cross_entropy(x @ weight^T, targets) (the mean over targets that are not -100), computed `chunk` rows
+    at a time, with its gradient computed in the same pass: the (N, vocab) logits never exist at once, and no
+    chunk is recomputed in backward (checkpointing each chunk would cost a third head matmul, +10% of a 125M
+    step). The same loss and gradients as the whole-logits path up to summation order (tested). Runs under
+    autocast like the layers around it: the matmuls in bf16, the softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk, grad_enabled):  # x (N, C), weight (vocab, C), targets (N,)
+        # Gradients only for a loss that backward will see (not in an eval under torch.no_grad()).
+        need_x, need_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        grad_x = torch.empty_like(x) if need_x else None                                   # (N, C)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None          # (vocab, C)
+        for i in range(0, len(x), chunk):
+            xc, yc = x[i:i + chunk], targets[i:i + chunk]       # (n, C), (n,)
+            logits = F.linear(xc, weight)                       # (n, vocab), bf16 under autocast
+            z = logits.float()
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)      # (n, 1)
+            keep = (yc != -100).unsqueeze(1)                    # (n, 1): -100 is F.cross_entropy's ignore_index
+            y = yc.clamp(min=0).unsqueeze(1)                    # (n, 1)
+            total += ((lse - z.gather(1, y)) * keep).sum()      # cross-entropy: logsumexp - the target's logit
+            if grad_x is None and grad_w is None:
+                continue
+            # d(sum of the chunk's losses)/d logits = softmax - onehot(target), in place of z: (n, vocab) fp32
+            d = z.sub_(lse).exp_().scatter_add_(1, y, -torch.ones_like(lse)).mul_(keep).to(logits.dtype)
+            if grad_x is not None:
+                grad_x[i:i + chunk] = d @ weight                # (n, vocab) @ (vocab, C) -> (n, C)
+            if grad_w is not None:
+                grad_w += d.mT @ xc                             # (vocab, n) @ (n, C) -> (vocab, C)
+        n = (targets != -100).sum()
+        ctx.save_for_backward(grad_x, grad_w, n)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w, n = ctx.saved_tensors
+        scale = grad_loss / n  # the mean's 1/N and whatever scaled the loss after (e.g. 1 / grad_accum)
+        return (None if grad_x is None else grad_x * scale.to(grad_x.dtype),
+                None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype), None, None, None)
+
+
 class Llama(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -164,11 +209,19 @@ class Llama(nn.Module):
                 x = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
             else:
                 x = block(x, self.rope_cos, self.rope_sin)
-        logits = self.output(self.norm(x))                      # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        x = self.norm(x)                                        # (B, T, C)
+        chunk = self.config.loss_chunk
+        if targets is None or not chunk or B * T <= chunk:
+            logits = self.output(x)                             # (B, T, vocab)
+            loss = None if targets is None else F.cross_entropy(logits.float().view(-1, logits.size(-1)),
+                                                                targets.reshape(-1))
+            return logits, loss
+        # The loss in chunks of `chunk` tokens, and no logits returned. The whole (B*T, vocab) logits are the
+        # largest tensors of a step (8 x 1024 tokens x 50,304 = 412M numbers, held in bf16, again in fp32 for the
+        # loss and again as their gradient: ~5 GB at 125M). ChunkedHeadLoss holds one chunk's at a time.
+        loss = ChunkedHeadLoss.apply(x.reshape(B * T, -1), self.output.weight, targets.reshape(B * T), chunk,
+                                     torch.is_grad_enabled())
+        return None, loss
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):

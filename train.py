@@ -83,6 +83,8 @@ def get_args(argv=None):
       help="dtype of weights, gradients and optimizer states")
     a("--activation_checkpointing", action="store_true", help="recompute activations in backward")
     a("--per_layer", action="store_true", help="update each weight inside backward (never all grads at once)")
+    a("--no_auto_batch", action="store_true", help="on CUDA, refuse a run that does not fit the free memory instead "
+      "of splitting its batch into micro-batches (same tokens per step) and, if needed, checkpointing activations")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--device", default="auto", help="auto (cuda, mps, cpu), or e.g. cuda:1")
     a("--seed", type=int, default=1337, help="seed of the initial weights and of the batch order")
@@ -360,18 +362,39 @@ def plan_memory(args, device_type, fake=True):
 
 
 def gpu_memory_problem(args, device):
-    """On CUDA, before the data and the model are loaded: None if the planned peak fits the GPU's free memory,
-    else one line naming the flags with which it would fit (each candidate is planned too, in seconds). The
-    vocabulary planned is --tokenizer's (GPT-2's by default): the data's is not read yet."""
+    """On CUDA, before the data and the model are loaded: the run planned (memplan.py) against the GPU's free
+    memory. Returns (changes, line): ({}, None) if it fits as asked. If not, and unless --no_auto_batch, the
+    largest micro-batch that fits with the same tokens per optimizer step (--batch_size split, --grad_accum raised
+    to match), with activation checkpointing turned on only if no micro-batch fits without it: changes to args
+    and the line that says so. Otherwise (None, a line naming the flags with which it would fit). Each candidate is
+    planned too, in seconds. The vocabulary planned is --tokenizer's (GPT-2's by default): the data's is not read
+    yet. Per-layer updates cannot accumulate gradients, so with --per_layer only checkpointing is tried."""
     free = torch.cuda.mem_get_info(device)[0]
     need = lambda a: plan_memory(a, "cuda")["peak_bytes"] * GPU_OVERHEAD
     try:
         planned = need(args)
     except Exception as e:  # a run the planner cannot plan still runs
         print(f"memory plan skipped ({type(e).__name__}: {str(e)[:200]})")
-        return None
+        return {}, None
     if planned <= free:
-        return None
+        return {}, None
+    def fits(changes):  # the planned bytes of args with these changes if they are valid and fit, else None
+        a = argparse.Namespace(**{**vars(args), **changes})
+        if not check_args(a, model_config(a), 1) and (fit := need(a)) <= free:
+            return fit
+    if not args.no_auto_batch:
+        B, T = args.batch_size, args.block_size
+        micro = [b for b in range(B, 0, -1) if B % b == 0] if not args.per_layer else [B]
+        for ckpt in sorted({args.activation_checkpointing, True}):  # without checkpointing first, if it is off
+            for b in micro:
+                changes = dict(batch_size=b, grad_accum=args.grad_accum * B // b, activation_checkpointing=ckpt)
+                if (b, ckpt) != (B, args.activation_checkpointing) and (fit := fits(changes)):
+                    how = [f"micro-batches of {b} x {T} with --grad_accum {changes['grad_accum']}"] if b < B else []
+                    how += ["--activation_checkpointing"] if ckpt and not args.activation_checkpointing else []
+                    return changes, (f"{B} x {T} tokens need about {planned / 1e9:.1f} GB of GPU memory, "
+                                     f"{free / 1e9:.1f} GB are free: {' and '.join(how)} ({fit / 1e9:.1f} GB), the "
+                                     f"same {B * T * args.grad_accum:,} tokens per step (--no_auto_batch refuses "
+                                     "instead)")
     # The switches, cumulatively; per-layer updates and smaller micro-batches are alternatives (per-layer
     # updates cannot accumulate gradients).
     candidates, flags, changes = [], [], {}
@@ -386,12 +409,11 @@ def gpu_memory_problem(args, device):
         n = args.batch_size * args.grad_accum
         candidates.append((flags + [f"--batch_size 1 --grad_accum {n}"], {**changes, "batch_size": 1, "grad_accum": n}))
     for flags, changes in candidates:
-        a = argparse.Namespace(**{**vars(args), **changes})
-        if not check_args(a, model_config(a), 1) and (fit := need(a)) <= free:
-            return (f"this run needs about {planned / 1e9:.1f} GB of GPU memory but {free / 1e9:.1f} GB are free; "
-                    f"with {' '.join(flags)} it needs about {fit / 1e9:.1f} GB (details: add --plan)")
-    return (f"this run needs about {planned / 1e9:.1f} GB of GPU memory but {free / 1e9:.1f} GB are free, and no "
-            f"memory switch makes it fit; use a smaller --size or --rank (details: add --plan)")
+        if (fit := fits(changes)):
+            return None, (f"this run needs about {planned / 1e9:.1f} GB of GPU memory but {free / 1e9:.1f} GB are "
+                          f"free; with {' '.join(flags)} it needs about {fit / 1e9:.1f} GB (details: add --plan)")
+    return None, (f"this run needs about {planned / 1e9:.1f} GB of GPU memory but {free / 1e9:.1f} GB are free, and "
+                  f"no memory switch makes it fit; use a smaller --size or --rank (details: add --plan)")
 
 
 def print_plan(plan):
@@ -610,8 +632,13 @@ def main(argv=None):
         args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     ctx = autocast_context(device_type, args.dtype, args.param_dtype)
     peak_gb = lambda: torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None  # for the log
-    if device_type == "cuda" and not ddp and (msg := gpu_memory_problem(args, args.device)):
-        fail(msg)  # before the data (a first run downloads it) and the model: an out-of-memory error later says less
+    if device_type == "cuda" and not ddp:  # before the data (a first run downloads it) and the model
+        changes, msg = gpu_memory_problem(args, args.device)
+        if changes is None:
+            fail(msg)  # an out-of-memory error later would say less
+        vars(args).update(changes)  # saved with the checkpoint as the run's own flags
+        if msg:
+            print(msg)
     try:
         data_dir, meta = load_data(args.data_dir, args.input, args.tokenizer, args.block_size, master, ddp)
     except DataError as e:
