@@ -30,6 +30,7 @@ that fits on real tensors and records torch.cuda.max_memory_allocated next to it
 import argparse
 import ast
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -432,25 +433,39 @@ def chart(results, path, device_name):
 
 # --- Quality: AdamW vs GaLore at equal tokens, on byte-level text, on a CPU -----------------------------------
 
-def docstring_text(path):
-    """English prose that any machine can rebuild offline and that may be redistributed: the docstrings
-    longer than 200 characters of the installed CPython's standard library (PSF license; tests, IDLE and
-    lib2to3 left out), in a fixed order. Python 3.11.7 gives 2,202 docstrings, 1.21 MB of UTF-8."""
-    root, docs = sysconfig.get_paths()["stdlib"], []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = sorted(d for d in subfolders if d not in ("test", "tests", "idlelib", "lib2to3",
-                                                                   "site-packages", "dist-packages", "__pycache__"))
-        for name in sorted(f for f in files if f.endswith(".py")):
-            try:
-                with open(os.path.join(folder, name), encoding="utf-8") as f:
-                    tree = ast.parse(f.read())
-            except (SyntaxError, UnicodeDecodeError, ValueError):
-                continue
-            for node in ast.walk(tree):
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                    doc = ast.get_docstring(node)
-                    if doc and len(doc) > 200:
-                        docs.append(doc)
+QUALITY_TEXTS = {  # name: the installed packages whose docstrings follow the standard library's
+    "stdlib": (),
+    # ~8.5 MB: 10x the tokens of the stdlib setting in about one epoch. All three are pinned in requirements.txt, so
+    # the text is the same on every machine with the same Python; licences: torch and numpy BSD-3, matplotlib's
+    # own (PSF-based), the standard library's PSF.
+    "packages": ("torch", "numpy", "matplotlib"),
+}
+
+
+def docstring_text(path, packages=()):
+    """English prose that any machine can rebuild offline and that may be redistributed: the docstrings longer
+    than 200 characters of the installed CPython's standard library (PSF license; tests, IDLE and lib2to3 left
+    out), then those of `packages` (their tests left out), in a fixed order. Python 3.11.7 gives 2,202 stdlib
+    docstrings, 1.21 MB of UTF-8."""
+    roots = [(sysconfig.get_paths()["stdlib"], ("test", "tests", "idlelib", "lib2to3", "site-packages",
+                                                 "dist-packages", "__pycache__"))]
+    roots += [(os.path.dirname(importlib.util.find_spec(p).origin), ("test", "tests", "testing", "__pycache__"))
+              for p in packages]
+    docs = []
+    for root, skip in roots:
+        for folder, subfolders, files in os.walk(root):
+            subfolders[:] = sorted(d for d in subfolders if d not in skip)
+            for name in sorted(f for f in files if f.endswith(".py")):
+                try:
+                    with open(os.path.join(folder, name), encoding="utf-8") as f:
+                        tree = ast.parse(f.read())
+                except (SyntaxError, UnicodeDecodeError, ValueError):
+                    continue
+                for node in ast.walk(tree):
+                    if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                        doc = ast.get_docstring(node)
+                        if doc and len(doc) > 200:
+                            docs.append(doc)
     with open(path, "w", encoding="utf-8") as f:
         f.write("\n\n".join(docs))
     return len(docs)
@@ -525,10 +540,11 @@ def tune(run, lrs):
 
 def quality_sweep(args, out):
     """The sweep of the README's "Quality" section; the JSON is rewritten after every run."""
-    text = os.path.join("data", "stdlib_docstrings.txt")
+    name = "stdlib_docstrings" if args.quality_text == "stdlib" else f"{args.quality_text}_docstrings"
+    text = os.path.join("data", f"{name}.txt")
     os.makedirs("data", exist_ok=True)
-    n_docs = docstring_text(text)
-    data_dir = os.path.join("data", "stdlib_docstrings_bytes")
+    n_docs = docstring_text(text, QUALITY_TEXTS[args.quality_text])
+    data_dir = os.path.join("data", f"{name}_bytes")
     try:
         meta = prepare(data_dir, [text], "bytes")
     except DataError:  # e.g. built from another Python's docstrings: this folder is bench.py's own, rebuilt
@@ -536,7 +552,9 @@ def quality_sweep(args, out):
         meta = prepare(data_dir, [text], "bytes")
     vocab = 64 * math.ceil(meta["vocab_size"] / 64)  # 257 -> 320, as train.py pads it
     width = PRESETS["cpu"]["dim"]
-    header = dict(python=platform.python_version(), torch=torch.__version__, text=f"{n_docs} stdlib docstrings",
+    pkgs = "".join(f", {p} {importlib.metadata.version(p)}" for p in QUALITY_TEXTS[args.quality_text])
+    described = f"{n_docs} stdlib docstrings" if not pkgs else f"{n_docs} docstrings (stdlib{pkgs})"
+    header = dict(python=platform.python_version(), torch=torch.__version__, text=described,
                   train_tokens=meta["train_tokens"], val_tokens=meta["val_tokens"], steps=args.steps,
                   batch_size=args.batch_size, block_size=args.block_size, tokens=args.steps * args.batch_size
                   * args.block_size, alpha=args.alpha, model="cpu", params=None, runs=[])
@@ -565,9 +583,11 @@ def quality_sweep(args, out):
               f"{r['seconds']:.0f} s" + (f" (from {out})" if k in done else ""), flush=True)
         return r
 
-    if args.quality_runs == "pair":  # AdamW and GaLore at rank width/4 at their default lrs
-        run("adamw", 1e-3)
-        run("galore", 1e-2, rank=width // 4)
+    if args.quality_runs in ("pair", "adamw", "galore"):  # AdamW and GaLore at rank width/4 at their default lrs
+        if args.quality_runs != "galore":
+            run("adamw", 1e-3)
+        if args.quality_runs != "adamw":
+            run("galore", 1e-2, rank=width // 4)
         return result()
     if args.quality_runs == "refresh":  # the exact SVD against subspace iteration, same lr, T and seed
         for rank, gap in ((width // 4, 200), (width // 4, 50), (width // 2, 200)):
@@ -646,8 +666,12 @@ def main():
                    help="projector of the runs")
     p.add_argument("--svd_repeats", type=int, default=3)
     p.add_argument("--quality", action="store_true", help="AdamW vs GaLore final val loss on byte-level text (CPU)")
-    p.add_argument("--quality_runs", default="sweep", choices=["sweep", "pair", "refresh"],
-                   help="with --quality: the whole sweep, AdamW vs GaLore, or exact SVD vs subspace iteration")
+    p.add_argument("--quality_runs", default="sweep", choices=["sweep", "pair", "adamw", "galore", "refresh"],
+                   help="with --quality: the whole sweep, AdamW vs GaLore (or either half of that pair alone, e.g. to "
+                   "run them in two processes with two --out files), or exact SVD vs subspace iteration")
+    p.add_argument("--quality_text", default="stdlib", choices=list(QUALITY_TEXTS),
+                   help="with --quality: docstrings of the standard library (1.2 MB), or also of torch, numpy and "
+                   "matplotlib (8.5 MB, for the long horizon: --steps 4000)")
     p.add_argument("--alpha", type=float, default=0.25, help="GaLore scale, with --quality")
     p.add_argument("--eval_interval", type=int, default=50, help="with --quality")
     p.add_argument("--eval_iters", type=int, default=10, help="with --quality")

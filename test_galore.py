@@ -1577,6 +1577,24 @@ def test_bench_quality_pair_writes_runs_and_reuses_them(tmp_path):
     assert p.stdout.count(f"(from {tmp_path / 'q.json'})") == 2 and json.load(open(tmp_path / "q.json")) == q
 
 
+@pytest.mark.slow
+def test_quality_text_appends_the_docstrings_of_the_named_packages(tmp_path, monkeypatch):
+    from bench import QUALITY_TEXTS, docstring_text
+    assert QUALITY_TEXTS["packages"] == ("torch", "numpy", "matplotlib")  # all three pinned in requirements.txt
+    pkg = tmp_path / "fakepkg"
+    (pkg / "tests").mkdir(parents=True)
+    long_doc = "A docstring of the package, long enough to count. " * 5
+    (pkg / "__init__.py").write_text(f'"""{long_doc}"""\n')
+    (pkg / "mod.py").write_text(f'def f():\n    """{long_doc} (mod.f)"""\n')
+    (pkg / "tests" / "test_x.py").write_text(f'"""{long_doc} (a test)"""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    n_stdlib = docstring_text(tmp_path / "stdlib.txt")
+    n = docstring_text(tmp_path / "both.txt", ("fakepkg",))
+    both = (tmp_path / "both.txt").read_text()
+    assert n == n_stdlib + 2 and both.startswith((tmp_path / "stdlib.txt").read_text())  # after the stdlib's
+    assert both.endswith(f"{long_doc}\n\n{long_doc} (mod.f)") and "(a test)" not in both  # in order, tests left out
+
+
 def test_quality_lr_grid_widens_until_the_best_lr_has_worse_neighbours():
     # A fake run whose loss is smallest at lr = 10**optimum: the grid must grow toward it, one LADDER step at a
     # time, and stop once the best has been beaten on both sides (or sits at an end of LADDER).
