@@ -951,16 +951,17 @@ def test_a_large_preset_without_a_gpu_says_so_and_what_to_run_instead(corpus, tm
         assert ("--size tiny, or --size cpu --tokenizer bytes --input FILE" in out) == noted
 
 
-def interrupt_train(*args, when):
-    """Run train.py, send it a real SIGINT (Ctrl-C) when a line starts with `when`; its output. It must exit 130."""
+def interrupt_train(*args, when, signum=signal.SIGINT):
+    """Run train.py, send it a real signal (SIGINT: Ctrl-C) when a line starts with `when`; its output. It must
+    exit with 128 + the signal's number (130 for Ctrl-C)."""
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
         if line.startswith(when):
-            proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130, "".join(lines)
+            proc.send_signal(signum)
+    assert proc.wait(timeout=120) == 128 + signum, "".join(lines)
     return "".join(lines)
 
 
@@ -970,17 +971,21 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path):
     common = [*TINY, "--steps", "30", "--eval_interval", "10", "--update_proj_gap", "7", "--proj_start_steps",
               "3", "--data_dir", data_dir]
     run("train.py", *common, "--out_dir", str(tmp_path / "a"))
-    # Interrupt a second run with a real SIGINT after step 10 (the step it lands in is dropped), resume it.
-    out = interrupt_train(*common, "--out_dir", str(tmp_path / "b"), when="step 10/")
-    stopped = [l for l in out.splitlines() if l.startswith("interrupted: checkpoint saved at step")]
-    assert stopped and int(stopped[0].split()[5]) < 30
-    p = run("train.py", *common, "--out_dir", str(tmp_path / "b"), "--resume")
-    assert "resumed from" in p.stdout
     a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert [r["step"] for r in read_log(tmp_path / "a")] == [r["step"] for r in read_log(tmp_path / "b")]
+    # Interrupt a run with a real SIGINT after step 10 (the step it lands in is dropped), resume it. SIGTERM (kill,
+    # SLURM, docker stop, preemption) and SIGHUP (the terminal closed) do the same, with their own exit codes.
+    for signum, said in ((signal.SIGINT, "interrupted:"), (signal.SIGTERM, "interrupted by SIGTERM:"),
+                         (signal.SIGHUP, "interrupted by SIGHUP:")):
+        out_dir = tmp_path / said.split()[-1].strip(":")
+        out = interrupt_train(*common, "--out_dir", str(out_dir), when="step 10/", signum=signum)
+        stopped = [l for l in out.splitlines() if l.startswith(f"{said} checkpoint saved at step")]
+        assert stopped and 10 <= int(stopped[0].split()[-6]) < 30 and "Traceback" not in out, out
+        p = run("train.py", *common, "--out_dir", str(out_dir), "--resume")
+        assert "resumed from" in p.stdout
+        b = torch.load(out_dir / "ckpt.pt", weights_only=True)
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+        assert [r["step"] for r in read_log(tmp_path / "a")] == [r["step"] for r in read_log(out_dir)]
 
 
 @pytest.mark.slow
@@ -999,7 +1004,7 @@ def test_ctrl_c_during_an_eval_stops_at_once_and_keeps_a_resumable_checkpoint(co
 
 
 def test_ctrl_c_waits_while_weights_change_and_a_second_press_ends_at_once():
-    before = signal.getsignal(signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in CtrlC.SIGNALS}
     try:
         ctrl_c = CtrlC(ddp=False)
         with pytest.raises(KeyboardInterrupt):  # outside wait(): at once
@@ -1024,11 +1029,97 @@ def test_ctrl_c_waits_while_weights_change_and_a_second_press_ends_at_once():
                 finished.append(2)
         assert finished == [1] and ctrl_c.presses == 2
         ctrl_c = CtrlC(ddp=True)  # DDP: never mid-step (ranks must agree); the loop polls ctrl_c.presses
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGTERM)  # what torchrun forwards to every worker
         time.sleep(0.05)
-        assert ctrl_c.presses == 1
+        assert ctrl_c.presses == 1 and ctrl_c.signum == signal.SIGTERM
+        ctrl_c = CtrlC(ddp=False)
+        with pytest.raises(KeyboardInterrupt):  # SIGTERM then Ctrl-C: the exit code stays the first one's
+            with ctrl_c.wait():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+        assert ctrl_c.presses == 2 and ctrl_c.signum == signal.SIGTERM
     finally:
-        signal.signal(signal.SIGINT, before)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+@pytest.mark.slow
+def test_a_file_that_cannot_be_written_is_one_line_and_keeps_the_previous(corpus, tmp_path, monkeypatch):
+    # A disk that fills up mid-run: torch.save reports it as a RuntimeError from its zip writer (the message
+    # below is the one a full disk gives), open() as OSError(ENOSPC). Either way: one line, the previous file kept.
+    import errno
+    _, data_dir = corpus
+    real_save, saves = torch.save, []
+    def save(obj, f, *a, **kw):
+        saves.append(f)
+        if len(saves) == 2:  # the second checkpoint: half written, then the disk is full
+            open(f, "wb").write(b"PK\x03\x04")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3008 vs 2944")
+        real_save(obj, f, *a, **kw)
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    before = {s: signal.getsignal(s) for s in CtrlC.SIGNALS}
+    out = tmp_path / "a"
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train_main([*TINY, "--steps", "10", "--eval_interval", "5", "--data_dir", data_dir, "--out_dir", str(out)])
+        assert stop.value.code == (f"train.py: error: could not write {out / 'ckpt.pt'} (no space left on the "
+                                   "device); the previous one is kept")
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 0 and not list(out.glob("*.tmp"))
+        monkeypatch.setattr(torch, "save", real_save)
+        real_write = train_write_jsonl
+        def write_jsonl(records, path):
+            if len(records) > 1:
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            real_write(records, path)
+        monkeypatch.setattr("train.write_jsonl", write_jsonl)
+        with pytest.raises(SystemExit) as stop:
+            train_main([*TINY, "--steps", "10", "--eval_interval", "5", "--data_dir", data_dir,
+                        "--out_dir", str(tmp_path / "b")])
+        assert stop.value.code == (f"train.py: error: could not write {tmp_path / 'b' / 'log.jsonl'} (No space left "
+                                   "on device); the previous one is kept")
+        assert len(read_log(tmp_path / "b")) == 1 and not list((tmp_path / "b").glob("*.tmp"))
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def test_an_out_dir_that_cannot_be_written_is_refused_before_the_data(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match=r"^train.py: error: --out_dir .*a_file/out: .*a_file is a file, not a "
+                                         r"folder; choose another --out_dir$"):
+        train_main(["--size", "tiny", "--data_dir", str(tmp_path / "data"),
+                    "--out_dir", str(tmp_path / "a_file" / "out")])
+    with pytest.raises(SystemExit, match=r"^train.py: error: --data_dir .*a_file/data: .*a_file is a file"):
+        train_main(["--size", "tiny", "--data_dir", str(tmp_path / "a_file" / "data"),
+                    "--out_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "data").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_one_run_per_out_dir_and_a_stale_lock_is_taken_over(corpus, tmp_path):
+    _, data_dir = corpus
+    common = [*TINY, "--data_dir", data_dir, "--out_dir", str(tmp_path)]
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, "train.py"), *common, "--eval_iters",
+                              "1000000"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in first.stdout:  # the first run is in its (endless) step-0 eval, holding the folder
+        if line.startswith("step 0: evaluating"):
+            break
+    second = run("train.py", *common, "--steps", "2", check=False)
+    assert second.returncode == 1 and second.stderr == (
+        f"train.py: error: another run (pid {first.pid}) is using --out_dir {tmp_path}: wait for it to end, stop it "
+        f"(kill {first.pid} saves its last step), or choose another --out_dir\n")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 143 and not (tmp_path / "lock").exists()  # released on the way out
+    # A lock left by a process that no longer exists (kill -9, a reboot): taken over, and said so.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "lock").write_text(str(dead.pid))
+    p = run("train.py", *common, "--steps", "2", "--resume")
+    assert f"taking over the lock of pid {dead.pid}, which no longer runs" in p.stdout and "done:" in p.stdout
+    assert not (tmp_path / "lock").exists()
 
 
 @pytest.mark.slow
@@ -1045,13 +1136,14 @@ def test_a_log_write_cut_short_leaves_the_previous_log_whole(corpus, tmp_path, m
             raise KeyboardInterrupt
         real_write(records, path)
     monkeypatch.setattr("train.write_jsonl", write_jsonl)
-    before = signal.getsignal(signal.SIGINT)
+    before = {s: signal.getsignal(s) for s in CtrlC.SIGNALS}
     try:
         with pytest.raises(SystemExit) as stop:
             train_main([*TINY, "--steps", "10", "--eval_interval", "5", "--data_dir", data_dir,
                         "--out_dir", str(tmp_path)])
     finally:
-        signal.signal(signal.SIGINT, before)  # main() installed its Ctrl-C handler in this process
+        for s, handler in before.items():  # main() installed its Ctrl-C (and SIGTERM, SIGHUP) handler here
+            signal.signal(s, handler)
     assert stop.value.code == 130 and writes == [1, 2, 3]
     assert [r["step"] for r in read_log(tmp_path)] == [0, 5]  # the second write, whole
     assert not list(tmp_path.glob("*.tmp"))

@@ -11,14 +11,18 @@ Train a Llama on WikiText-103 with GaLoreAdamW (or AdamW for comparison).
     torchrun --nproc_per_node 2 train.py --size 125M  # data parallel (DDP), one process per GPU
 
 Writes to --out_dir: ckpt.pt (atomic, at every eval and at the end), log.jsonl, loss.png. On CUDA the run is
-planned first (memplan.py) and stops with the flags that would make it fit if the GPU is too small.
-Ctrl-C stops within seconds and saves the last finished step (a second Ctrl-C ends at once). Paper: arXiv 2403.03507.
+planned first (memplan.py): a run that does not fit takes the largest micro-batch that does (same tokens per step),
+or stops with the flags that would make it fit.
+Ctrl-C, SIGTERM (kill, SLURM, docker stop) and SIGHUP stop within seconds and save the last finished step (a
+second signal ends at once). One run per --out_dir (a lock file). Paper: arXiv 2403.03507.
 """
 
 import argparse
+import atexit
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -484,16 +488,83 @@ def perplexity(loss):
     return math.exp(loss) if loss < 700 else float("inf")  # exp overflows a float past ~709
 
 
-def save_atomic(obj, path, write=torch.save):
+class WriteError(Exception):
+    """A file of the run could not be written (disk full, read-only, permissions, ...): one line for the user."""
+
+
+def save_atomic(obj, path, write=None):
     """Write to a temporary file, then rename it over path (atomic): an interruption or crash mid-write leaves
-    the previous file intact, and the temporary one is removed."""
-    tmp = path + ".tmp"
+    the previous file intact, and the temporary one is removed. An OS error (torch.save reports a full disk as a
+    RuntimeError from its zip writer) becomes a WriteError naming the file, the reason and what is kept."""
+    tmp, write = path + ".tmp", write or torch.save
     try:
         write(obj, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[0][:150]
+        if not isinstance(e, OSError) and shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free < 2**20:
+            reason = "no space left on the device"  # what torch's "unexpected pos" error means there
+        kept = "the previous one is kept" if os.path.exists(path) else "nothing was written"
+        raise WriteError(f"could not write {path} ({reason}); {kept}") from None
     finally:
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:  # not there (renamed, or never created)
+            pass
+
+
+def folder_problem(folder, flag):
+    """Why `folder` cannot be written (or created), as one line; None if it can. Creates nothing."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):  # the nearest existing ancestor must let us create what is missing
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{flag} {folder}: {path} is a file, not a folder; choose another {flag}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{flag} {folder}: {path} cannot be written (read-only or no permission); choose another {flag}"
+    return None
+
+
+def take_lock(out_dir):
+    """One run per --out_dir: out_dir/lock holds the pid of the run using it, created atomically (O_EXCL). A lock
+    whose process no longer exists (kill -9, a reboot) is taken over, with a line that says so. Returns a
+    function that releases it, or raises WriteError naming the pid that holds it."""
+    path = os.path.join(out_dir, "lock")
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if (pid := lock_holder(path)) is not None:
+                raise WriteError(f"another run (pid {pid}) is using --out_dir {out_dir}: wait for it to end, stop it "
+                                 f"(kill {pid} saves its last step), or choose another --out_dir") from None
+            try:
+                os.remove(path)  # stale: taken over on the next try
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return lambda: os.path.exists(path) and os.remove(path)
+    raise WriteError(f"could not take the lock {path}; remove it if no run is using --out_dir {out_dir}")
+
+
+def lock_holder(path):
+    """The pid of the live process that holds the lock file at path, or None if the lock is stale."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):  # gone, or half-written by a run killed while taking it
+        return None
+    if pid <= 0 or pid == os.getpid():  # this same process: an earlier main() (tests call it in-process)
+        return None
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        print(f"{path}: taking over the lock of pid {pid}, which no longer runs")
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return pid
 
 
 def write_jsonl(records, path):
@@ -524,17 +595,26 @@ def plot(log, path):
 
 
 class CtrlC:
-    """Ctrl-C. The first press stops a single-process run within seconds: wherever it lands (an eval, the forward
-    or backward of a step, the data), the run goes back to the last finished step, saves it and exits. Only while
-    the weights are changing (`with ctrl_c.wait():` the optimizer step, per-layer updates inside backward, the
-    writing of a checkpoint or log) does the press wait for that to end. A second press ends the run at once; the
-    files on disk are then the last complete ones, since each is written under a temporary name and renamed.
-    Under DDP every press waits for the end of the step: all ranks must stop at the same step."""
+    """Ctrl-C, and the signals that mean the same: SIGTERM (`kill`, SLURM at a job's time limit, `docker stop`,
+    Kubernetes, a spot instance about to be taken) and SIGHUP (the terminal or SSH session closed). The first one
+    stops a single-process run within seconds: wherever it lands (an eval, the forward or backward of a step, the
+    data), the run goes back to the last finished step, saves it and exits with 128 + the signal's number (130
+    Ctrl-C, 143 SIGTERM, 129 SIGHUP). Only while the weights are changing (`with ctrl_c.wait():` the optimizer
+    step, per-layer updates inside backward, the writing of a checkpoint or log) does it wait for that to end. A
+    second one ends the run at once; the files on disk are then the last complete ones, since each is written
+    under a temporary name and renamed. Under DDP (torchrun forwards SIGTERM to every worker) every signal waits
+    for the end of the step: all ranks must stop at the same step, and rank 0 saves."""
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM",
+               **({signal.SIGHUP: "SIGHUP"} if hasattr(signal, "SIGHUP") else {})}  # Windows has no SIGHUP
+
     def __init__(self, ddp):
         self.presses, self.depth, self.ddp = 0, 0, ddp  # depth: how many wait() blocks we are in
-        signal.signal(signal.SIGINT, self.handler)
+        self.signum = signal.SIGINT  # the first signal's, for the exit code (a KeyboardInterrupt is Ctrl-C's)
+        for signum in self.SIGNALS:
+            signal.signal(signum, self.handler)
 
-    def handler(self, *_):
+    def handler(self, signum, frame):
+        self.signum = signum if not self.presses else self.signum
         self.presses += 1
         if self.presses > 1 or not (self.depth or self.ddp):
             raise KeyboardInterrupt
@@ -624,6 +704,16 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if not args.resume and os.path.exists(ckpt_path):  # never overwrite an earlier run's checkpoint by accident
         fail(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir")
+    if master and (msg := folder_problem(args.out_dir, "--out_dir")):  # before the data: a first run downloads it
+        fail(msg)
+    # One run per folder: an existing --out_dir is locked now (a second run would write the same files), a new one
+    # when it is created, below.
+    release_lock = None
+    try:
+        if master and os.path.isdir(args.out_dir):
+            release_lock = take_lock(args.out_dir)
+    except WriteError as e:
+        fail(e)
 
     # Device, data, and the checkpoint to resume: every problem is found here, before the model is built.
     args.device = pick_device(args.device, ddp)
@@ -639,6 +729,9 @@ def main(argv=None):
         vars(args).update(changes)  # saved with the checkpoint as the run's own flags
         if msg:
             print(msg)
+    data_folder = args.data_dir or default_data_dir(args.input, args.tokenizer or "gpt2")
+    if master and not os.path.exists(data_folder) and (msg := folder_problem(data_folder, "--data_dir")):
+        fail(msg)  # the data would be built there
     try:
         data_dir, meta = load_data(args.data_dir, args.input, args.tokenizer, args.block_size, master, ddp)
     except DataError as e:
@@ -675,6 +768,13 @@ def main(argv=None):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
     os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        if master and release_lock is None:
+            release_lock = take_lock(args.out_dir)
+    except WriteError as e:
+        fail(e)
+    if release_lock:
+        atexit.register(release_lock)  # on every exit but SIGKILL (a later run then takes the stale lock over)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
     next_batch = lambda: get_batch(data_dir, "train", args.batch_size, args.block_size, args.device, gen,
                                    rank=rank, world_size=world_size)
@@ -758,17 +858,23 @@ def main(argv=None):
             print(f"done: {args.size} {args.optimizer}, {args.steps} steps, {args.steps * tokens_per_step:,} tokens | "
                   f"val loss (whole split) {val:.4f}, perplexity {perplexity(val):.2f} | opt state "
                   f"{optimizer_state_bytes(optimizer) / 1e6:.1f} MB{peak}")
+    except WriteError as e:  # a full disk, a folder gone read-only, ...: the last complete files are kept
+        fail(e)
     except KeyboardInterrupt:
-        msg = f"stopped at once (second Ctrl-C): {ckpt_path}, if any, is the last complete checkpoint"
+        name = CtrlC.SIGNALS[ctrl_c.signum]
+        msg = f"stopped at once (a second {name}): {ckpt_path}, if any, is the last complete checkpoint"
         try:
             if ctrl_c.presses == 1:  # `done` steps are applied, nothing of the next one (updates run in wait())
-                checkpoint(done, rng)  # a second press raises here at once
-                msg = f"interrupted: checkpoint saved at step {done} in {ckpt_path}; continue with --resume"
-        except KeyboardInterrupt:  # a second press during the save: the temporary file is removed, the old kept
+                checkpoint(done, rng)  # a second signal raises here at once
+                msg = (f"interrupted{'' if name == 'Ctrl-C' else ' by ' + name}: checkpoint saved at step {done} in "
+                       f"{ckpt_path}; continue with --resume")
+        except KeyboardInterrupt:  # a second signal during the save: the temporary file is removed, the old kept
             pass
+        except WriteError as e:
+            msg = f"interrupted, but the last step could not be saved: {e}"
         if master:
-            print("\n" + msg)
-        sys.exit(130)
+            print("\n" + msg, flush=True)
+        sys.exit(128 + ctrl_c.signum)
     if ddp:
         dist.destroy_process_group()
 
