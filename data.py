@@ -206,14 +206,20 @@ def prepare(data_dir, inputs=None, tokenizer="gpt2", num_threads=None):
     # run leaves data_dir as it was, never a half-built folder that a later run would take for data.
     tmp = data_dir.rstrip("/\\") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of an interrupted run
-    os.makedirs(tmp)
-    for s, arr in splits.items():
-        arr.tofile(os.path.join(tmp, f"{s}.bin"))
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    if os.path.isdir(data_dir):
-        os.rmdir(data_dir)  # empty (load_meta found no data files); anything else in it makes this an error
-    os.replace(tmp, data_dir)
+    try:
+        os.makedirs(tmp)
+        for s, arr in splits.items():
+            arr.tofile(os.path.join(tmp, f"{s}.bin"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.isdir(data_dir):
+            os.rmdir(data_dir)  # empty (load_meta found no data files); anything else in it makes this an error
+        os.replace(tmp, data_dir)
+    except OSError as e:  # a full disk, a read-only or vanished folder: one line, and no half-built folder left
+        shutil.rmtree(tmp, ignore_errors=True)
+        need = sum(arr.nbytes for arr in splits.values())
+        raise DataError(f"could not write {data_dir} ({e.strerror or e}; it needs {need / 1e6:,.1f} MB): nothing "
+                        "was written; free some space or choose another --data_dir") from None
     print(f"wrote {data_dir}: " + ", ".join(f"{s} {meta[f'{s}_tokens']:,} tokens" for s in SPLITS))
     return meta
 

@@ -774,6 +774,20 @@ def test_prepare_refuses_what_it_cannot_build_and_clears_an_interrupted_build(tm
                 get_batch(d, "val", 1, block_size)
 
 
+def test_a_data_folder_that_cannot_be_written_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+    text = tmp_path / "t.txt"
+    text.write_text("Some text to build a folder from. " * 200)
+    def full_disk(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(json, "dump", full_disk)  # meta.json, the last file written into the temporary folder
+    d = str(tmp_path / "data")
+    with pytest.raises(DataError, match=r"^could not write .*data \(No space left on device; it needs 0\.0 MB\): "
+                                        r"nothing was written; free some space or choose another --data_dir$"):
+        prepare(d, [str(text)], "bytes")
+    assert sorted(os.listdir(tmp_path)) == ["t.txt"]  # no data folder, no half-built temporary one
+
+
 def test_edited_input_text_is_not_taken_for_the_folder_built_from_it(tmp_path):
     # Same file, other text: the folder built from the old text must not be reused as if nothing changed.
     (tmp_path / "a.txt").write_text("The first text. " * 50)
