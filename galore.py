@@ -243,24 +243,33 @@ class GaLoreAdamW(torch.optim.Optimizer):
         g, i = self._where[p]
         self._update(p, self.param_groups[g], i)
 
-    def _update(self, p, group, i):
-        G = p.grad  # (m, n) for a matrix; any shape for an unprojected parameter      Alg. 1: G_t = grad of phi_t(W_t)
-        if G.is_sparse:
+    @staticmethod
+    def _grad(p, group, i):
+        if p.grad.is_sparse:
             raise RuntimeError(f"GaLoreAdamW does not support sparse gradients (parameter {_name(group, i)}); "
                                "use dense gradients, e.g. nn.Embedding(sparse=False)")
+        return p.grad
+
+    def _refresh_due(self, state, group):
+        """(refresh P at this step, reset the moments with it) for a projected matrix with this state."""
+        first = "P" not in state  # the switch (or this matrix missed it: it had no gradient then)
+        refresh = first or (self.steps_taken - self.proj_start_steps) % group["update_proj_gap"] == 0
+        return refresh, first or (refresh and self.reset_on_update)
+
+    def _update(self, p, group, i):
+        G = self._grad(p, group, i)  # (m, n) for a matrix; any shape else      Alg. 1: G_t = grad of phi_t(W_t)
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         state = self.state[p]
 
         projected = self.is_projected(p, group)
         R, alpha = G, 1.0  # unprojected: P is the identity and there is no scale
         if projected:
-            s = self.steps_taken - self.proj_start_steps  # steps since the switch to low rank
-            first = "P" not in state  # the switch (or this matrix missed it: it had no gradient then)
-            if first or s % group["update_proj_gap"] == 0:                     # Alg. 1: if t mod T = 0
+            refresh, reset = self._refresh_due(state, group)
+            if refresh:                                                         # Alg. 1: if t mod T = 0
                 # Alg. 1: U, S, V = SVD(G_t); P_t = U[:, :r] (the paper writes the m <= n case); else P_t = P_t-1
                 # (svd="subspace" passes the old P, and after the first refresh a power step from it replaces the SVD)
                 state["P"] = self.projector(G, group["rank"], group["svd"], state.get("P"))  # (r, n) or (m, r)
-                if first or self.reset_on_update:
+                if reset:
                     # Zeroing the moments alone would not do: Adam divides by (1 - beta^k) to undo their
                     # zero start, and with k still large that correction is ~1. The first update would then
                     # be (1-beta1) R / sqrt((1-beta2) R^2) = 0.1 / 0.032 ~ 3.2x the size of a normal Adam
@@ -294,9 +303,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         else:
             p.addcdiv_(M, denom, value=-lr / bias_correction1)  # plain AdamW, the same numbers as torch's
 
-
     # -- the batched step: _update's lines, once per stack of same-shaped matrices ---------------------------
-    # On a GPU every tensor operation is a kernel launch of 5-10 us, and _update makes ~14 per matrix: 1,200
+    # On a GPU every tensor operation is a kernel launch of 5-10 us, and _update makes 11 per matrix: 1,106
     # launches per step at 125M, more time than the arithmetic. Here the matrices of one group that share shape,
     # dtype, device and moments' age k are stacked, (L, m, n), and go through the lines of _update together:
     # one batched matmul projects, one _foreach_* op per moment line, one batched matmul projects back. That is
@@ -309,15 +317,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"GaLoreAdamW does not support sparse gradients (parameter {_name(group, i)}); "
-                                   "use dense gradients, e.g. nn.Embedding(sparse=False)")
+            self._grad(p, group, i)  # dense, or a one-line error
             state, projected = self.state[p], self.is_projected(p, group)
-            has_P = "P" in state
-            refresh = projected and (not has_P or (self.steps_taken - self.proj_start_steps)
-                                     % group["update_proj_gap"] == 0)
-            k = 0 if projected and (not has_P or refresh and self.reset_on_update) else state.get("step", 0)
-            key = (projected, refresh, has_P, k, tuple(p.shape) if projected else None, p.dtype, p.device)
+            refresh, reset = self._refresh_due(state, group) if projected else (False, False)
+            k = 0 if reset else state.get("step", 0)  # the moments' age once this step's reset is done
+            key = (projected, refresh, "P" in state, k, tuple(p.shape) if projected else None, p.dtype, p.device)
             buckets.setdefault(key, []).append(p)
         for (projected, refresh, has_P, k, shape, _, _), params in buckets.items():
             # Unprojected tensors are never stacked (foreach takes any shapes), so they go in one call, as in
@@ -369,7 +373,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if projected:
             N = torch._foreach_div(M, denom)                     # N = M / denom / bias_correction1
             torch._foreach_div_(N, bias_correction1)
-            update = self.project_back(torch.stack(N), P, (0,) + tuple(params[0].shape))  # (L, m, n)
+            update = self.project_back(torch.stack(N), P, params[0].shape)  # (L, m, n)
             torch._foreach_add_(params, list(update), alpha=-lr * group["scale"])
         else:
             torch._foreach_addcdiv_(params, M, denom, value=-lr / bias_correction1)
