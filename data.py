@@ -160,6 +160,18 @@ def check_token_ids(data_dir, vocab_size):
                             "the folder's meta.json does not describe its .bin files; rebuild it with data.py")
 
 
+def folder_problem(folder, flag):
+    """Why `folder` cannot be written (or created), as one line; None if it can. Creates nothing."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):  # the nearest existing ancestor must let us create what is missing
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{flag} {folder}: {path} is a file, not a folder; choose another {flag}"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{flag} {folder}: {path} cannot be written (read-only or no permission); choose another {flag}"
+    return None
+
+
 def prepare(data_dir, inputs=None, tokenizer="gpt2", num_threads=None):
     """Build train/val/test.bin and meta.json in data_dir unless complete files are there. Returns the meta.
     inputs=None builds WikiText-103; a complete folder must hold what was asked for (source and tokenizer)."""
@@ -177,6 +189,8 @@ def prepare(data_dir, inputs=None, tokenizer="gpt2", num_threads=None):
         return meta
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise DataError(f"--data_dir {data_dir} is a file, not a folder: choose a folder")
+    if (msg := folder_problem(data_dir, "--data_dir")):  # before the download and the tokenizing, not after
+        raise DataError(msg)
     if os.path.isdir(data_dir) and (other := sorted(os.listdir(data_dir))):
         raise DataError(f"{data_dir} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
                         "and no data: choose a new or empty --data_dir (nothing was changed)")

@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from data import (WIKITEXT, DataError, check_token_ids, default_data_dir, get_batch, get_encoding, iter_windows,
-                  load_meta, prepare)
+from data import (WIKITEXT, DataError, check_token_ids, default_data_dir, folder_problem, get_batch, get_encoding,
+                  iter_windows, load_meta, prepare)
 from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
 from memplan import MemoryTracker
@@ -389,7 +389,7 @@ def gpu_memory_problem(args, device):
     if not args.no_auto_batch:
         B, T = args.batch_size, args.block_size
         micro = [b for b in range(B, 0, -1) if B % b == 0] if not args.per_layer else [B]
-        for ckpt in sorted({args.activation_checkpointing, True}):  # without checkpointing first, if it is off
+        for ckpt in [False, True] if not args.activation_checkpointing else [True]:  # checkpointing only if needed
             for b in micro:
                 changes = dict(batch_size=b, grad_accum=args.grad_accum * B // b, activation_checkpointing=ckpt)
                 if (b, ckpt) != (B, args.activation_checkpointing) and (fit := fits(changes)):
@@ -513,18 +513,6 @@ def save_atomic(obj, path, write=None):
             pass
 
 
-def folder_problem(folder, flag):
-    """Why `folder` cannot be written (or created), as one line; None if it can. Creates nothing."""
-    path = os.path.abspath(folder)
-    while not os.path.exists(path):  # the nearest existing ancestor must let us create what is missing
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        return f"{flag} {folder}: {path} is a file, not a folder; choose another {flag}"
-    if not os.access(path, os.W_OK | os.X_OK):
-        return f"{flag} {folder}: {path} cannot be written (read-only or no permission); choose another {flag}"
-    return None
-
-
 def take_lock(out_dir):
     """One run per --out_dir: out_dir/lock holds the pid of the run using it, created atomically (O_EXCL). A lock
     whose process no longer exists (kill -9, a reboot) is taken over, with a line that says so. Returns a
@@ -614,7 +602,8 @@ class CtrlC:
             signal.signal(signum, self.handler)
 
     def handler(self, signum, frame):
-        self.signum = signum if not self.presses else self.signum
+        if not self.presses:
+            self.signum = signum
         self.presses += 1
         if self.presses > 1 or not (self.depth or self.ddp):
             raise KeyboardInterrupt
@@ -706,14 +695,6 @@ def main(argv=None):
         fail(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir")
     if master and (msg := folder_problem(args.out_dir, "--out_dir")):  # before the data: a first run downloads it
         fail(msg)
-    # One run per folder: an existing --out_dir is locked now (a second run would write the same files), a new one
-    # when it is created, below.
-    release_lock = None
-    try:
-        if master and os.path.isdir(args.out_dir):
-            release_lock = take_lock(args.out_dir)
-    except WriteError as e:
-        fail(e)
 
     # Device, data, and the checkpoint to resume: every problem is found here, before the model is built.
     args.device = pick_device(args.device, ddp)
@@ -729,9 +710,6 @@ def main(argv=None):
         vars(args).update(changes)  # saved with the checkpoint as the run's own flags
         if msg:
             print(msg)
-    data_folder = args.data_dir or default_data_dir(args.input, args.tokenizer or "gpt2")
-    if master and not os.path.exists(data_folder) and (msg := folder_problem(data_folder, "--data_dir")):
-        fail(msg)  # the data would be built there
     try:
         data_dir, meta = load_data(args.data_dir, args.input, args.tokenizer, args.block_size, master, ddp)
     except DataError as e:
@@ -768,13 +746,11 @@ def main(argv=None):
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
     os.makedirs(args.out_dir, exist_ok=True)
-    try:
-        if master and release_lock is None:
-            release_lock = take_lock(args.out_dir)
-    except WriteError as e:
-        fail(e)
-    if release_lock:
-        atexit.register(release_lock)  # on every exit but SIGKILL (a later run then takes the stale lock over)
+    if master:  # one run per folder: a second one would write the same files
+        try:
+            atexit.register(take_lock(args.out_dir))  # released on every exit but SIGKILL (then taken over later)
+        except WriteError as e:
+            fail(e)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
     next_batch = lambda: get_batch(data_dir, "train", args.batch_size, args.block_size, args.device, gen,
                                    rank=rank, world_size=world_size)
