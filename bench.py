@@ -84,6 +84,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed(fn, device):
+    """Seconds that fn() takes, the GPU's queued work included; and what fn returned."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
 def bench_one(size, variant, args, device):
     opt_name, per_layer, pdtype = VARIANTS[variant]
     if device.type == "cuda":
@@ -116,11 +125,8 @@ def bench_one(size, variant, args, device):
     if opt_name == "galore":
         projector = optimizer.projector
         def timed_projector(G, r, svd, P=None):
-            sync(device)
-            t0 = time.perf_counter()
-            P = projector(G, r, svd, P)
-            sync(device)
-            svd_s[0] += time.perf_counter() - t0
+            t, P = timed(lambda: projector(G, r, svd, P), device)
+            svd_s[0] += t
             return P
         optimizer.projector = timed_projector  # an instance attribute: _update() calls this one
     ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and pdtype == torch.float32
@@ -240,13 +246,7 @@ def speed_one(size, impl, args, device):
     ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext())
     compiled = torch.compile(model) if args.compile else model
     g = torch.Generator().manual_seed(0)
-
-    def timed(fn):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        return time.perf_counter() - t0
+    seconds = lambda fn: timed(fn, device)[0]
 
     def forward_backward():
         x = torch.randint(0, 50257, (args.batch_size, args.block_size + 1), generator=g).to(device)
@@ -257,14 +257,14 @@ def speed_one(size, impl, args, device):
     forward_backward()
     optimizer.step()  # states and first projectors created (not timed), then a warm-up plain step
     optimizer.step()
-    plain = statistics.median(timed(optimizer.step) for _ in range(args.steps))
+    plain = statistics.median(seconds(optimizer.step) for _ in range(args.steps))
     refresh = []
     for _ in range(2 if device.type == "cpu" else 3):
         set_refresh_due(optimizer, impl, args.gap)
-        refresh.append(timed(optimizer.step) - plain if impl != "adamw" else 0.0)
+        refresh.append(seconds(optimizer.step) - plain if impl != "adamw" else 0.0)
     optimizer.zero_grad(set_to_none=True)
-    whole = statistics.median(timed(lambda: (forward_backward(), optimizer.step(),
-                                             optimizer.zero_grad(set_to_none=True))) for _ in range(args.steps))
+    whole = statistics.median(seconds(lambda: (forward_backward(), optimizer.step(),
+                                               optimizer.zero_grad(set_to_none=True))) for _ in range(args.steps))
     tokens = args.batch_size * args.block_size
     return dict(size=size, impl=impl, what=SPEED_IMPLS[impl][0], rank=None if impl == "adamw" else rank,
                 launches=count_launches(size, impl, rank, args.gap), opt_step_ms=1e3 * plain,
@@ -316,26 +316,18 @@ def svd_bench(args, device):
         # The previous refresh's gradient: G plus as much again of a matrix with other singular vectors, so the
         # previous P is far from G's own (a hard case for a warm start; a real gradient drifts less in T steps).
         P_prev = GaLoreAdamW.projector(G + spectrum_matrix().to(device), r, "full")
-        timings = {}
-        for name, fn in (("full", lambda: GaLoreAdamW.projector(G, r, "full")),
-                         ("randomized", lambda: GaLoreAdamW.projector(G, r, "randomized")),
-                         ("subspace", lambda: GaLoreAdamW.projector(G, r, "subspace", P_prev))):
-            fn()
-            sync(device)
-            ts = []
-            for _ in range(args.svd_repeats):
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                ts.append(time.perf_counter() - t0)
-            timings[name] = statistics.median(ts)
+        timings, Ps = {}, {}
+        for name, P_start in (("full", None), ("randomized", None), ("subspace", P_prev)):
+            fn = lambda: GaLoreAdamW.projector(G, r, name, P_start)
+            fn()  # warm-up
+            runs = [timed(fn, device) for _ in range(args.svd_repeats)]
+            timings[name], Ps[name] = statistics.median(t for t, _ in runs), runs[-1][1]
         energy = lambda P: GaLoreAdamW.project(G, P).norm() ** 2  # |R|^2: the gradient the subspace keeps
-        exact = energy(GaLoreAdamW.projector(G, r, "full"))
+        exact = energy(Ps["full"])
         row = dict(shape=f"{m}x{n}", rank=r, full_ms=1e3 * timings["full"])
-        for name, P in (("randomized", GaLoreAdamW.projector(G, r, "randomized")),
-                        ("subspace", GaLoreAdamW.projector(G, r, "subspace", P_prev))):
+        for name in ("randomized", "subspace"):
             row.update({f"{name}_ms": 1e3 * timings[name], f"{name}_speedup": timings["full"] / timings[name],
-                        f"{name}_energy": (energy(P) / exact).item()})
+                        f"{name}_energy": (energy(Ps[name]) / exact).item()})
         row["previous_energy"] = (energy(P_prev) / exact).item()  # what the warm start began from
         rows.append(row)
         print(f"{m:>5}x{n:<5} r={r:<4} full SVD {row['full_ms']:8.1f} ms | randomized {row['randomized_ms']:7.1f} ms "
@@ -621,7 +613,8 @@ def quality_chart(result, path):
     runs = result["runs"]
     label = lambda r: (f"{r['optimizer']} lr {r['lr']:g}" + (f" r={r['rank']}" if r["rank"] else "")
                        + (f" T={r['gap']}" if r["gap"] not in (None, 200) else "")
-                       + (" no reset" if r["reset"] is False else "") + (f" {r['svd']}" if r["svd"] not in (None, "full") else ""))
+                       + (" no reset" if r["reset"] is False else "")
+                       + (f" {r['svd']}" if r["svd"] not in (None, "full") else ""))
     groups = {}
     for r in runs:
         if r["optimizer"] != "galore" or (r["gap"], r["reset"], r["svd"]) == (200, True, "full"):
