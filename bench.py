@@ -21,6 +21,12 @@ English text and compares the final validation loss of AdamW and GaLore (section
     python bench.py --quality --quality_runs pair             # AdamW lr 1e-3 vs GaLore r=64 lr 1e-2, 7 min
     python bench.py --quality --quality_runs refresh          # exact SVD vs subspace iteration, 3 pairs
 
+The long horizon (10x the tokens; 8.65 MB of stdlib, torch, numpy and matplotlib docstrings): LONG_RUNS, shared by
+two processes that write one JSON (~47 min per run with one thread each on this 2-core machine):
+
+    OMP_NUM_THREADS=1 python bench.py --quality --quality_text packages --steps 4000 --eval_interval 200 \
+        --quality_runs long --quality_part 0/2 --out quality_long.json     # and --quality_part 1/2 next to it
+
 --plan runs train.py's memory planner (train.py --plan, memplan.py) for every size and plan variant below: the
 real training steps on fake tensors, batch 1 x 1024 tokens. It writes a JSON record per (size, variant) and a
 chart of the planned peak against model size, with the memory of common GPUs. On CUDA it also runs each plan
@@ -47,10 +53,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from data import DataError, get_batch, iter_windows, prepare
+from data import DataError, folder_problem, get_batch, iter_windows, prepare
 from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
-from train import DEFAULT_RANK, get_args, get_lr, plan_memory  # what train.py runs: its flags, schedule, planner
+from train import (DEFAULT_RANK, WriteError, get_args, get_lr, plan_memory,  # what train.py runs: its flags,
+                   save_atomic)  # schedule and planner; its atomic writer, whose errors are one line
 
 VARIANTS = {  # name: (optimizer, per_layer, param dtype)
     "adamw": ("adamw", False, torch.float32),
@@ -75,8 +82,22 @@ GPUS_GB = (8, 12, 16, 24)  # common laptop / desktop GPU memory sizes
 
 
 def write_json(obj, path):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    def dump(obj, tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    write_result(obj, path, dump)
+
+
+def save_figure(fig, path):
+    write_result(fig, path, lambda fig, tmp: fig.savefig(tmp, format="png"))
+
+
+def write_result(obj, path, write):
+    """train.py's atomic writer (whole or not at all); a full disk or read-only folder ends bench.py in one line."""
+    try:
+        save_atomic(obj, path, write)
+    except WriteError as e:
+        raise SystemExit(f"bench.py: {e}. Free some space or choose another --out")
 
 
 def sync(device):
@@ -394,7 +415,7 @@ def plan_chart(rows, path):
     ax.set_yticks([], minor=True)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -419,7 +440,7 @@ def chart(results, path, device_name):
         ax.tick_params(axis="x", rotation=45)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -463,21 +484,41 @@ def docstring_text(path, packages=()):
     return len(docs)
 
 
-def quality_run(data_dir, vocab_size, args, optimizer, lr, rank=None, gap=200, reset=True, svd="full"):
+def run_config(optimizer, lr, alpha, rank=None, gap=200, reset=True, svd="full", proj_start=0, other_scale=1.0,
+               seed=0):
+    """One quality run's settings, with None where its optimizer has no use for one: the record's key.
+    alpha: GaLore's scale (the control's factor on the matrices' lr); proj_start: GaLoreAdamW's proj_start_steps
+    (full-rank warmup); other_scale: the unprojected tensors' lr is lr x other_scale; seed: init and batch order."""
+    g = optimizer == "galore"
+    return dict(optimizer=optimizer, lr=lr, rank=rank if g else None, gap=gap if g else None,
+                reset=reset if g else None, svd=svd if g else None, alpha=alpha if optimizer != "adamw" else None,
+                proj_start=proj_start if g else None, other_scale=other_scale if g else None, seed=seed)
+
+
+def run_key(r, alpha):
+    """The settings of record r as a tuple; records written before a setting existed had its default."""
+    given = {k: r[k] for k in ("rank", "gap", "reset", "svd", "proj_start", "other_scale", "seed")
+             if r.get(k) is not None}
+    return tuple(run_config(r["optimizer"], r["lr"], r.get("alpha", alpha), **given).values())
+
+
+def quality_run(data_dir, vocab_size, args, cfg):
     """Train the `cpu` preset for args.steps steps as train.py does (same init seed, same batches from the
     same generator, warmup 10% then cosine to 10%, grad clip 1.0, fp32) and return its val loss curve.
-    optimizer: 'adamw'; 'adamw_galore_lrs' = AdamW with GaLore's per-group lrs (matrices at lr x alpha), the
-    control that separates the projection from GaLore's smaller steps on the matrices; or 'galore'."""
-    torch.manual_seed(0)
+    cfg (run_config): optimizer 'adamw'; 'adamw_galore_lrs' = AdamW with GaLore's per-group lrs (matrices at
+    lr x alpha), the control that separates the projection from GaLore's smaller steps on the matrices; 'galore'."""
+    torch.manual_seed(cfg["seed"])
     model = Llama(LlamaConfig(**{**PRESETS["cpu"], "vocab_size": vocab_size, "block_size": args.block_size}))
-    other, matrices = galore_param_groups(model, rank or 1, gap, args.alpha, verbose=False)
-    if optimizer == "galore":
-        opt = GaLoreAdamW([other, matrices], lr=lr, reset_on_update=reset, svd=svd)
-    elif optimizer == "adamw_galore_lrs":
-        opt = torch.optim.AdamW([other, {"params": matrices["params"], "lr_scale": args.alpha}], lr=lr)
+    other, matrices = galore_param_groups(model, cfg["rank"] or 1, cfg["gap"] or 200, cfg["alpha"] or 1.0,
+                                          verbose=False)
+    if cfg["optimizer"] == "galore":
+        opt = GaLoreAdamW([{**other, "lr_scale": cfg["other_scale"]}, matrices], lr=cfg["lr"],
+                          proj_start_steps=cfg["proj_start"], reset_on_update=cfg["reset"], svd=cfg["svd"])
+    elif cfg["optimizer"] == "adamw_galore_lrs":
+        opt = torch.optim.AdamW([other, {"params": matrices["params"], "lr_scale": cfg["alpha"]}], lr=cfg["lr"])
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    gen, curve, t0 = torch.Generator().manual_seed(1337), [], time.perf_counter()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"])
+    gen, curve, t0 = torch.Generator().manual_seed(1337 + cfg["seed"]), [], time.perf_counter()
 
     @torch.no_grad()
     def val_loss(whole=False):
@@ -494,7 +535,7 @@ def quality_run(data_dir, vocab_size, args, optimizer, lr, rank=None, gap=200, r
     for it in range(args.steps):
         if it % args.eval_interval == 0:
             curve.append((it, val_loss()))
-        lr_t = get_lr(it, lr, 0.1 * lr, args.steps // 10, args.steps)
+        lr_t = get_lr(it, cfg["lr"], 0.1 * cfg["lr"], args.steps // 10, args.steps)
         for group in opt.param_groups:
             group["lr"] = lr_t * group.get("lr_scale", 1.0)
         x, y = get_batch(data_dir, "train", args.batch_size, args.block_size, generator=gen)
@@ -507,9 +548,7 @@ def quality_run(data_dir, vocab_size, args, optimizer, lr, rank=None, gap=200, r
             break  # diverged: recorded with its curve so far and an infinite final loss
     curve.append((it + 1, val_loss()))
     final = val_loss(whole=True) if math.isfinite(curve[-1][1]) else float("inf")
-    return dict(optimizer=optimizer, lr=lr, rank=rank, gap=gap if optimizer == "galore" else None,
-                reset=reset if optimizer == "galore" else None, svd=svd if optimizer == "galore" else None,
-                final_val_loss=final, curve=curve, state_bytes=optimizer_state_bytes(opt),
+    return dict(cfg, final_val_loss=final, curve=curve, state_bytes=optimizer_state_bytes(opt),
                 seconds=time.perf_counter() - t0)
 
 
@@ -530,10 +569,47 @@ def tune(run, lrs):
         rs.update({lr: run(lr) for lr in more})
 
 
+# The long-horizon runs (--quality_runs long), most wanted first: the lr brackets of AdamW, the per-group control
+# and GaLore at rank width/4, then one change at a time from GaLore's defaults (lr 1e-2, T 200, reset, exact SVD,
+# alpha 0.25, no warmup, unprojected tensors at lr), then a second seed of the pair.
+LONG_RUNS = (
+    ("adamw", 3e-3, {}), ("adamw", 3e-4, {}), ("adamw_galore_lrs", 1e-2, {}), ("galore", 3e-2, {}),
+    ("galore", 3e-3, {}), ("galore", 1e-2, {"other_scale": 0.1}), ("galore", 1e-2, {"svd": "subspace"}),
+    ("galore", 1e-2, {"rank": 128}), ("galore", 1e-2, {"rank": 32}), ("galore", 1e-2, {"gap": 50}),
+    ("galore", 1e-2, {"gap": 500}), ("galore", 1e-2, {"reset": False}), ("galore", 1e-2, {"alpha": 0.5}),
+    ("galore", 1e-2, {"proj_start": 400}), ("adamw", 1e-3, {"seed": 1}), ("galore", 1e-2, {"seed": 1}),
+    ("adamw_galore_lrs", 3e-3, {}), ("adamw_galore_lrs", 3e-2, {}),
+)
+
+
+def describe(r, alpha):
+    """A run's settings in a few words: the optimizer and lr, then what differs from the defaults."""
+    text = f"{r['optimizer']} lr {r['lr']:g}" + (f" r={r['rank']}" if r.get("rank") else "")
+    defaults = run_config("galore", 1.0, alpha, rank=r.get("rank"))
+    for k in ("gap", "reset", "svd", "alpha", "proj_start", "other_scale"):
+        if r["optimizer"] == "galore" and r.get(k, defaults[k]) != defaults[k]:
+            text += f" {dict(gap='T', proj_start='warmup', other_scale='other lr x').get(k, k)}={r[k]}"
+    return text + (f" seed {r['seed']}" if r.get("seed") else "")
+
+
+def print_ratios(runs, alpha):
+    """Each run's final val loss against the baseline: the best AdamW of seed 0, the per-group control included."""
+    finite = [r for r in runs if math.isfinite(r["final_val_loss"])]
+    adamws = [r for r in finite if r["optimizer"] != "galore" and not r.get("seed")]
+    if not adamws:
+        return
+    base = min(adamws, key=lambda r: r["final_val_loss"])
+    print(f"baseline: {describe(base, alpha)}, final val loss {base['final_val_loss']:.4f}")
+    for r in sorted(runs, key=lambda r: r["final_val_loss"]):
+        print(f"{describe(r, alpha):>60} | {r['final_val_loss']:.4f} | / baseline {r['final_val_loss'] / base['final_val_loss']:.4f}")
+
+
 def quality_sweep(args, out):
     """The sweep of the README's "Quality" section; the JSON is rewritten after every run."""
     name = "stdlib_docstrings" if args.quality_text == "stdlib" else f"{args.quality_text}_docstrings"
     text = os.path.join("data", f"{name}.txt")
+    if msg := folder_problem("data", "the text's folder"):  # it is built in the current folder
+        raise SystemExit(f"bench.py: {msg} (run bench.py from a folder you can write)")
     os.makedirs("data", exist_ok=True)
     n_docs = docstring_text(text, QUALITY_TEXTS[args.quality_text])
     data_dir = os.path.join("data", f"{name}_bytes")
@@ -552,27 +628,32 @@ def quality_sweep(args, out):
                   * args.block_size, alpha=args.alpha, model="cpu", params=None, runs=[])
     header["params"] = Llama(LlamaConfig(**{**PRESETS["cpu"], "vocab_size": vocab})).num_params()
     runs = header["runs"]
-    # What is written and returned: this invocation's runs, then those of earlier ones that it did not ask for.
-    result = lambda: dict(header, runs=runs + [d for d in done.values() if key(d) not in map(key, runs)])
-    # Runs already in `out` with the same setup are reused: an interrupted sweep goes on where it stopped.
-    key = lambda r: (r["optimizer"], r["lr"], r["rank"], r["gap"], r["reset"], r["svd"])
-    done = {}
-    if os.path.exists(out):
+    key = lambda r: run_key(r, args.alpha)
+
+    def saved():  # the runs in `out` with the same setup, by key (none if it is missing or of another setup)
+        if not os.path.exists(out):
+            return {}
         with open(out) as f:
             old = json.load(f)
-        if all(old.get(k) == header[k] for k in header if k != "runs"):
-            done = {key(r): r for r in old["runs"]}
+        same = all(old.get(k) == header[k] for k in header if k != "runs")
+        return {key(r): r for r in old["runs"]} if same else {}
 
-    def run(optimizer, lr, rank=None, gap=200, reset=True, svd="full"):
-        galore = optimizer == "galore"
-        k = (optimizer, lr, rank, gap if galore else None, reset if galore else None, svd if galore else None)
-        r = done.get(k) or quality_run(data_dir, vocab, args, optimizer, lr, rank, gap, reset, svd)
+    # Runs already in `out` are reused, so an interrupted sweep goes on where it stopped. What is written: this
+    # invocation's runs, then the others in `out`, read again at each write, so that two processes given the
+    # same --out and different --quality_part write one file without losing each other's runs.
+    done = saved()
+    result = lambda: dict(header, runs=runs + [r for k, r in {**done, **saved()}.items()
+                                               if k not in map(key, runs)])
+
+    def run(optimizer, lr, **settings):
+        cfg = run_config(optimizer, lr, args.alpha, **settings)
+        k = tuple(cfg.values())
+        r = done.get(k) or quality_run(data_dir, vocab, args, cfg)
         runs.append(r)
         write_json(result(), out)
-        print(f"{optimizer:>17} lr {lr:<7g} rank {str(r['rank'] or '-'):>4} T {str(r['gap'] or '-'):>4} "
-              f"reset {str(r['reset'] if r['reset'] is not None else '-'):>5} svd {r['svd'] or '-':>10} | "
-              f"final val loss {r['final_val_loss']:.4f} | state {r['state_bytes'] / 1e6:6.2f} MB | "
-              f"{r['seconds']:.0f} s" + (f" (from {out})" if k in done else ""), flush=True)
+        print(f"{describe(r, args.alpha):>60} | final val loss {r['final_val_loss']:.4f} | "
+              f"state {r['state_bytes'] / 1e6:6.2f} MB | {r['seconds']:.0f} s" + (f" (from {out})" if k in done else ""),
+              flush=True)
         return r
 
     if args.quality_runs in ("pair", "adamw", "galore"):  # AdamW and GaLore at rank width/4 at their default lrs
@@ -581,6 +662,13 @@ def quality_sweep(args, out):
         if args.quality_runs != "adamw":
             run("galore", 1e-2, rank=width // 4)
         return result()
+    if args.quality_runs == "long":  # issue 22's runs in priority order; --quality_part K/N takes every N-th
+        k, n = args.quality_part
+        for optimizer, lr, settings in LONG_RUNS[k::n]:
+            run(optimizer, lr, **({"rank": width // 4} if optimizer == "galore" else {}), **settings)
+        res = result()
+        print_ratios(res["runs"], args.alpha)
+        return res
     if args.quality_runs == "refresh":  # the exact SVD against subspace iteration, same lr, T and seed
         for rank, gap in ((width // 4, 200), (width // 4, 50), (width // 2, 200)):
             exact, fast = (run("galore", 1e-2, rank=rank, gap=gap, svd=svd) for svd in ("full", "subspace"))
@@ -611,13 +699,12 @@ def quality_chart(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = result["runs"]
-    label = lambda r: (f"{r['optimizer']} lr {r['lr']:g}" + (f" r={r['rank']}" if r["rank"] else "")
-                       + (f" T={r['gap']}" if r["gap"] not in (None, 200) else "")
-                       + (" no reset" if r["reset"] is False else "")
-                       + (f" {r['svd']}" if r["svd"] not in (None, "full") else ""))
-    groups = {}
+    alpha = result["alpha"]
+    label = lambda r: describe(r, alpha)
+    plain = lambda r: run_key(r, alpha) == tuple(run_config(r["optimizer"], r["lr"], alpha, rank=r["rank"]).values())
+    groups = {}  # the runs that differ only by lr, by optimizer and rank
     for r in runs:
-        if r["optimizer"] != "galore" or (r["gap"], r["reset"], r["svd"]) == (200, True, "full"):
+        if plain(r):
             groups.setdefault((r["optimizer"], r["rank"]), []).append(r)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for rs in groups.values():
@@ -634,8 +721,19 @@ def quality_chart(result, path):
     ax2.set(xlabel="optimizer state (MB)", ylabel="final val loss, whole split",
             title="quality vs optimizer memory (blue AdamW, orange GaLore)")
     fig.tight_layout()
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
+
+
+def quality_part(text):
+    """--quality_part K/N -> (K, N), with 0 <= K < N."""
+    try:
+        k, n = map(int, text.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N with 0 <= K < N (e.g. 0/2 and 1/2 for two processes)")
+    return k, n
 
 
 def main():
@@ -659,9 +757,14 @@ def main():
                    help="projector of the runs")
     p.add_argument("--svd_repeats", type=int, default=3)
     p.add_argument("--quality", action="store_true", help="AdamW vs GaLore final val loss on byte-level text (CPU)")
-    p.add_argument("--quality_runs", default="sweep", choices=["sweep", "pair", "adamw", "galore", "refresh"],
+    p.add_argument("--quality_runs", default="sweep",
+                   choices=["sweep", "pair", "adamw", "galore", "refresh", "long"],
                    help="with --quality: the whole sweep, AdamW vs GaLore (or either half of that pair alone, e.g. to "
-                   "run them in two processes with two --out files), or exact SVD vs subspace iteration")
+                   "run them in two processes with two --out files), exact SVD vs subspace iteration, or the "
+                   "long-horizon runs (LONG_RUNS: lr brackets and one change at a time from GaLore's defaults)")
+    p.add_argument("--quality_part", default="0/1", type=quality_part, metavar="K/N",
+                   help="with --quality_runs long: only every N-th run from the K-th (0-based), so that N processes "
+                   "given the same --out share the list")
     p.add_argument("--quality_text", default="stdlib", choices=list(QUALITY_TEXTS),
                    help="with --quality: docstrings of the standard library (1.2 MB), or also of torch, numpy and "
                    "matplotlib (8.5 MB, for the long horizon: --steps 4000)")
@@ -671,11 +774,18 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bench.json", help="JSON results; the chart goes next to it as .png")
     args = p.parse_args()
+    if args.quality and args.out == "bench.json":
+        args.out = "quality.json"
+    # Before anything runs, or the result would be lost at the end of it.
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if msg := folder_problem(folder, "--out") or (not os.path.isdir(folder) and f"--out {args.out}: the folder "
+                                                  f"{folder} does not exist; create it or choose another --out"):
+        raise SystemExit(f"bench.py: {msg}")
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     if args.quality:
         args.batch_size, args.block_size, args.steps = args.batch_size or 8, args.block_size or 256, args.steps or 400
-        out = "quality.json" if args.out == "bench.json" else args.out
+        out = args.out
         result = quality_sweep(args, out)
         quality_chart(result, out.rsplit(".", 1)[0] + ".png")
         print(f"wrote {out} and {out.rsplit('.', 1)[0]}.png")

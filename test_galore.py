@@ -1701,6 +1701,75 @@ def test_quality_text_appends_the_docstrings_of_the_named_packages(tmp_path, mon
     assert both.endswith(f"{long_doc}\n\n{long_doc} (mod.f)") and "(a test)" not in both  # in order, tests left out
 
 
+def test_quality_long_runs_split_between_processes_share_one_json(tmp_path, monkeypatch, capsys):
+    # Two processes given --quality_part 0/2 and 1/2 and one --out: each runs its share of LONG_RUNS, a run in
+    # the file is reused (records from before a setting existed included), and a run that the other process
+    # wrote while this one trained is kept in the file, not overwritten.
+    import argparse
+    import bench
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench, "docstring_text", lambda path, packages=(): open(path, "w").write("Doc text. " * 400))
+    monkeypatch.setattr(bench, "LONG_RUNS", (("adamw", 3e-3, {}), ("galore", 3e-2, {}), ("galore", 1e-2, {"gap": 50})))
+    out, trained = str(tmp_path / "q.json"), []
+
+    def fake_run(data_dir, vocab, args, cfg):
+        trained.append((cfg["optimizer"], cfg["lr"], cfg["gap"]))
+        if cfg["gap"] == 50:  # meanwhile the other process finished its run and wrote it
+            other = json.load(open(out))
+            other["runs"].append(dict(bench.run_config("galore", 1e-2, 0.25, rank=128), final_val_loss=1.5, curve=[],
+                                      state_bytes=1, seconds=0, by="other"))
+            bench.write_json(other, out)
+        return dict(cfg, final_val_loss=2.0, curve=[], state_bytes=1, seconds=0)
+    monkeypatch.setattr(bench, "quality_run", fake_run)
+    args = argparse.Namespace(quality_text="stdlib", steps=4, batch_size=2, block_size=32, alpha=0.25,
+                              quality_runs="long", quality_part=(0, 2))
+    # Records written before alpha, proj_start, other_scale and seed existed (their defaults then):
+    old = [dict(optimizer="adamw", lr=3e-3, rank=None, gap=None, reset=None, svd=None, final_val_loss=3.0, curve=[],
+                state_bytes=1, seconds=0),
+           dict(optimizer="galore", lr=3e-2, rank=64, gap=200, reset=True, svd="full", final_val_loss=2.5, curve=[],
+                state_bytes=1, seconds=0)]
+    bench.quality_sweep(args, out)  # creates the file: nothing to reuse yet
+    q = json.load(open(out))
+    q["runs"] = old
+    bench.write_json(q, out)
+    trained.clear()
+    bench.quality_sweep(args, out)
+    assert trained == [("galore", 1e-2, 50)]  # adamw 3e-3 came from the file
+    runs = json.load(open(out))["runs"]
+    assert len(runs) == 4 and runs[0] == old[0] and old[1] in runs and [r.get("by") for r in runs].count("other") == 1
+    args.quality_part = (1, 2)
+    trained.clear()
+    bench.quality_sweep(args, out)
+    assert trained == [] and json.load(open(out))["runs"][0] == old[1]  # galore 3e-2 was in the file
+    assert "baseline: adamw lr 0.003, final val loss 3.0000" in capsys.readouterr().out
+    assert bench.quality_part("1/2") == (1, 2)
+    for bad in ("2/2", "1", "a/b", "-1/2"):
+        with pytest.raises(argparse.ArgumentTypeError, match="K/N"):
+            bench.quality_part(bad)
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_bench_results_that_cannot_be_written_end_in_one_line(tmp_path, monkeypatch):
+    import errno
+    import bench
+    (tmp_path / "a_file").write_text("")
+    for out, says in ((tmp_path / "missing" / "b.json", "does not exist; create it or choose another --out"),
+                      (tmp_path / "a_file" / "b.json", "is a file, not a folder; choose another --out")):
+        p = run("bench.py", "--speed", "--count_only", "--sizes", "tiny", "--out", str(out), check=False)
+        assert p.returncode == 1 and p.stderr.strip().endswith(says) and "Traceback" not in p.stderr
+        assert "launches" not in p.stdout  # refused before anything ran
+    # A disk that fills while the JSON is written: the earlier file is kept whole, no temporary file is left.
+    out = tmp_path / "q.json"
+    bench.write_json({"runs": [1]}, str(out))
+    def full_disk(obj, f, **kw):
+        f.write('{"runs": [1, 2')
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(bench.json, "dump", full_disk)
+    with pytest.raises(SystemExit, match=r"could not write .*q.json \(No space left on device\); the previous one is kept"):
+        bench.write_json({"runs": [1, 2]}, str(out))
+    assert json.loads(out.read_text()) == {"runs": [1]} and sorted(os.listdir(tmp_path)) == ["a_file", "q.json"]
+
+
 def test_quality_lr_grid_widens_until_the_best_lr_has_worse_neighbours():
     # A fake run whose loss is smallest at lr = 10**optimum: the grid must grow toward it, one LADDER step at a
     # time, and stop once the best has been beaten on both sides (or sits at an end of LADDER).
