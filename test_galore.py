@@ -910,6 +910,80 @@ def read_log(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
+@pytest.mark.parametrize("optimizer", ["galore", "adamw"])
+def test_a_disk_that_cannot_take_the_next_checkpoint_stops_the_run_after_its_first_step(corpus, tmp_path,
+                                                                                          monkeypatch, optimizer):
+    # The estimate (weights + optimizer state, asked after step 1) is checked against a checkpoint written for
+    # real: a disk 10% smaller than that file stops the run after step 1, keeping the step-0 checkpoint; 10%
+    # larger, the run trains on.
+    _, data_dir = corpus
+    flags = [*TINY, "--optimizer", optimizer, "--data_dir", data_dir, "--steps", "3", "--eval_interval", "3",
+             "--update_proj_gap", "2"]
+    train_main([*flags, "--out_dir", str(tmp_path / "real")])
+    size = os.path.getsize(tmp_path / "real" / "ckpt.pt")
+    real_usage = shutil.disk_usage
+    for free, stops in ((0.9 * size, True), (1.1 * size, False)):
+        out = tmp_path / f"free{free:.0f}"
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=int(free)))
+        if not stops:
+            train_main([*flags, "--out_dir", str(out)])
+            assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3
+            continue
+        with pytest.raises(SystemExit) as e:
+            train_main([*flags, "--out_dir", str(out)])
+        assert re.fullmatch(rf"train.py: error: --out_dir {out}: its disk has [0-9.]+ GB free, but a checkpoint of "
+                            rf"this run takes about [0-9.]+ GB, written next to the last one \({out}/ckpt.pt, kept\) "
+                            r"before replacing it: free some space and continue with --resume, or start again "
+                            r"with another --out_dir", e.value.code)
+        assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 0 and not list(out.glob("*.tmp"))
+
+
+WANDB_STANDIN = """
+import json, os
+def _write(entry):
+    with open(os.environ["WANDB_CALLS"], "a") as f:
+        f.write(json.dumps(entry) + "\\n")
+class _Run:
+    def log(self, data, step):
+        _write({"log": data, "step": step})
+def init(project, id, resume, config, dir):
+    _write({"init": {"project": project, "id": id, "resume": resume, "steps": config["steps"], "dir": dir}})
+    return _Run()
+"""
+
+
+def test_wandb_gets_the_records_of_the_log_and_a_resume_continues_its_run(corpus, tmp_path):
+    # A stand-in wandb module (the real one is neither needed nor reached): what it is sent must be log.jsonl's
+    # records, and a resumed run must continue the same wandb run id.
+    _, data_dir = corpus
+    (tmp_path / "standin").mkdir()
+    (tmp_path / "standin" / "wandb.py").write_text(WANDB_STANDIN)
+    calls, out_dir = tmp_path / "calls.jsonl", str(tmp_path / "o")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "standin"), WANDB_CALLS=str(calls))
+    flags = [*TINY, "--data_dir", data_dir, "--out_dir", out_dir, "--wandb", "my-project", "--eval_interval", "5"]
+    for steps, more in (("5", []), ("10", ["--resume"])):
+        p = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *flags, "--steps", steps, *more],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert p.returncode == 0, p.stderr
+    sent = [json.loads(line) for line in open(calls)]
+    inits = [c["init"] for c in sent if "init" in c]
+    assert [(i["project"], i["resume"], i["steps"], i["dir"]) for i in inits] == [
+        ("my-project", "allow", 5, out_dir), ("my-project", "allow", 10, out_dir)]
+    assert inits[0]["id"] == inits[1]["id"] and len(inits[0]["id"]) == 8  # the same wandb run, continued
+    logged = [(c["step"], c["log"]) for c in sent if "log" in c]
+    # Both runs' records, each once: the resume starts after the first run's final checkpoint, whose log it keeps.
+    assert logged == [(r["step"], {k: v for k, v in r.items() if k != "step" and v is not None})
+                      for r in read_log(out_dir)]
+    assert [s for s, _ in logged] == [0, 5, 5, 5, 10, 10, 10]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "opt_state_mb"} <= logged[1][1].keys()
+    # Without the package: one line saying how to get it, before any data is read.
+    p = run("train.py", *TINY, "--data_dir", str(tmp_path / "nothing"), "--out_dir", str(tmp_path / "o2"),
+            "--wandb", "my-project", check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.stderr.strip() == ("train.py: error: --wandb needs the wandb package, which train.py does not require: "
+                                "pip install wandb, or drop --wandb")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["galore", "adamw"])
 def test_train_end_to_end_loss_goes_down(corpus, tmp_path, optimizer):

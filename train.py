@@ -22,6 +22,7 @@ import atexit
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -100,6 +101,8 @@ def get_args(argv=None):
     a("--out_dir", default="out", help="checkpoint, log and plot go here")
     a("--resume", action="store_true", help="continue from --out_dir/ckpt.pt")
     a("--sample_tokens", type=int, default=64, help="tokens to generate at the end")
+    a("--wandb", metavar="PROJECT", default=None, help="also send log.jsonl's records to this Weights & Biases "
+      "project (pip install wandb, then wandb login once, or set WANDB_MODE=offline)")
     a("--plan", action="store_true",
       help="predict this run's peak memory on fake tensors (no data, no GPU needed) and exit")
     args = p.parse_args(argv)
@@ -484,6 +487,20 @@ def all_finite(model, optimizer):
     return all(torch.isfinite(t).all() for t in [*model.parameters(), *state])
 
 
+def disk_problem(model, optimizer, out_dir, ckpt_path):
+    """Whether the disk of --out_dir can take the next checkpoint, as one line; None if it can. Asked after the
+    run's first step, when the optimizer state has its size. The atomic save writes the new checkpoint next to
+    the last one before replacing it, so the free space must hold a whole one: weights + optimizer state."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    need = sum(storages.values()) + optimizer_state_bytes(optimizer)  # a tied embedding is saved once
+    free = shutil.disk_usage(out_dir).free
+    if free >= need:
+        return None
+    return (f"--out_dir {out_dir}: its disk has {free / 1e9:.3g} GB free, but a checkpoint of this run takes "
+            f"about {need / 1e9:.3g} GB, written next to the last one ({ckpt_path}, kept) before replacing it: free "
+            "some space and continue with --resume, or start again with another --out_dir")
+
+
 def perplexity(loss):
     return math.exp(loss) if loss < 700 else float("inf")  # exp overflows a float past ~709
 
@@ -624,6 +641,26 @@ def fail(msg):
     sys.exit(f"train.py: error: {msg}")  # one line, exit status 1, no traceback
 
 
+def import_wandb():
+    """wandb, an optional import (never in requirements.txt): checked before the data, so that a missing package
+    is said at once and not after a download."""
+    try:
+        import wandb
+    except ImportError:
+        fail("--wandb needs the wandb package, which train.py does not require: pip install wandb, or drop --wandb")
+    return wandb
+
+
+def start_wandb(wandb, project, args, saved_id):
+    """A wandb run that gets the records of log.jsonl. A resumed run continues the wandb run of its checkpoint:
+    its id is kept in args, which the checkpoint saves (the steps a resume repeats are logged again by
+    log.jsonl; wandb keeps the first values of a step it has seen)."""
+    args.wandb_id = saved_id or secrets.token_hex(4)
+    run = wandb.init(project=project, id=args.wandb_id, resume="allow", config=vars(args), dir=args.out_dir)
+    return lambda record: run.log({k: v for k, v in record.items() if k != "step" and v is not None},
+                                  step=record["step"])
+
+
 def stop_nonfinite(what, step, ckpt_path, master):
     """A loss, gradient norm or weight that is no longer finite ends the run before it can be saved. Every rank
     that gets here exits (a loss or grad norm is the same on all of them; the val loss is rank 0's alone, and
@@ -696,6 +733,7 @@ def main(argv=None):
         fail(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir")
     if master and (msg := folder_problem(args.out_dir, "--out_dir")):  # before the data: a first run downloads it
         fail(msg)
+    wandb = import_wandb() if args.wandb and master else None
 
     # Device, data, and the checkpoint to resume: every problem is found here, before the model is built.
     args.device = pick_device(args.device, ddp)
@@ -737,6 +775,7 @@ def main(argv=None):
     start, log = restore(ckpt, model, optimizer, gen) if ckpt is not None else (0, [])
     if ckpt is not None and master:
         print(f"resumed from {ckpt_path} at step {start}")
+    saved_wandb_id = ckpt["args"].get("wandb_id") if ckpt is not None else None
     del ckpt
     if args.per_layer:
         attach_per_layer_updates(model, optimizer)
@@ -752,6 +791,7 @@ def main(argv=None):
             atexit.register(take_lock(args.out_dir))  # released on every exit but SIGKILL (then taken over later)
         except WriteError as e:
             fail(e)
+    send = start_wandb(wandb, args.wandb, args, saved_wandb_id) if wandb else None  # after the lock: one run
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
     next_batch = lambda: get_batch(data_dir, "train", args.batch_size, args.block_size, args.device, gen,
                                    rank=rank, world_size=world_size)
@@ -766,6 +806,8 @@ def main(argv=None):
     def write_log(record):
         log.append(record)  # the file is rewritten whole (a resume drops what came after its checkpoint)
         save_atomic(log, os.path.join(args.out_dir, "log.jsonl"), write_jsonl)
+        if send:
+            send(record)
 
     # `done` steps are applied and `rng` is both random streams at that point. They change together with the
     # weights inside ctrl_c.wait(), so a Ctrl-C anywhere saves a state that a resume continues exactly (it
@@ -811,6 +853,8 @@ def main(argv=None):
                     if norm is not None and not math.isfinite(norm):  # not applied: the weights are still step it's
                         stop_nonfinite(f"gradient norm is {norm}", it, ckpt_path, master)
                     done, rng = it + 1, rng_state(gen)
+                    if it == start and master and (msg := disk_problem(raw_model, optimizer, args.out_dir, ckpt_path)):
+                        fail(msg)  # now, not at the next checkpoint; the last one, a step behind, is kept
                     if device_type == "cuda":
                         torch.cuda.synchronize()
                     dt = time.time() - t0
