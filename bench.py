@@ -611,7 +611,12 @@ def quality_sweep(args, out):
     if msg := folder_problem("data", "the text's folder"):  # it is built in the current folder
         raise SystemExit(f"bench.py: {msg} (run bench.py from a folder you can write)")
     os.makedirs("data", exist_ok=True)
-    n_docs = docstring_text(text, QUALITY_TEXTS[args.quality_text])
+    try:
+        n_docs = docstring_text(text, QUALITY_TEXTS[args.quality_text])
+    except OSError as e:  # a full disk: the partial text is removed (it is rebuilt at every start anyway)
+        if os.path.exists(text):
+            os.remove(text)
+        raise SystemExit(f"bench.py: could not write {text} ({e.strerror or e}); nothing is kept. Free some space")
     data_dir = os.path.join("data", f"{name}_bytes")
     try:
         meta = prepare(data_dir, [text], "bytes")

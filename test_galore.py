@@ -1147,7 +1147,9 @@ def test_a_file_that_cannot_be_written_is_one_line_and_keeps_the_previous(corpus
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3008 vs 2944")
         real_save(obj, f, *a, **kw)
     monkeypatch.setattr(torch, "save", save)
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    # Room for a checkpoint after step 1 (train.py checks), none once the disk has filled.
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0 if len(saves) >= 2 else 10**9))
     before = {s: signal.getsignal(s) for s in CtrlC.SIGNALS}
     out = tmp_path / "a"
     try:
@@ -1157,6 +1159,7 @@ def test_a_file_that_cannot_be_written_is_one_line_and_keeps_the_previous(corpus
                                    "device); the previous one is kept")
         assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 0 and not list(out.glob("*.tmp"))
         monkeypatch.setattr(torch, "save", real_save)
+        saves.clear()  # the disk has room again, until the log's write below
         real_write = train_write_jsonl
         def write_jsonl(records, path):
             if len(records) > 1:
@@ -1824,6 +1827,7 @@ def test_quality_long_runs_split_between_processes_share_one_json(tmp_path, monk
 
 
 def test_bench_results_that_cannot_be_written_end_in_one_line(tmp_path, monkeypatch):
+    import argparse
     import errno
     import bench
     (tmp_path / "a_file").write_text("")
@@ -1842,6 +1846,17 @@ def test_bench_results_that_cannot_be_written_end_in_one_line(tmp_path, monkeypa
     with pytest.raises(SystemExit, match=r"could not write .*q.json \(No space left on device\); the previous one is kept"):
         bench.write_json({"runs": [1, 2]}, str(out))
     assert json.loads(out.read_text()) == {"runs": [1]} and sorted(os.listdir(tmp_path)) == ["a_file", "q.json"]
+    # The same while --quality writes its text: one line, the partial text removed.
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    def full_text(path, packages=()):
+        open(path, "w").write("half a docstring")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(bench, "docstring_text", full_text)
+    args = argparse.Namespace(quality_text="stdlib")
+    with pytest.raises(SystemExit, match=r"could not write data/stdlib_docstrings.txt \(No space left on device\)"):
+        bench.quality_sweep(args, str(out))
+    assert os.listdir(tmp_path / "data") == []
 
 
 def test_quality_lr_grid_widens_until_the_best_lr_has_worse_neighbours():
