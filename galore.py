@@ -117,6 +117,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # p -> (group position, index in group), for step_param(). Positions, not group dicts: load_state_dict()
         # replaces the dicts, and the hooks must read the LR the training loop sets on the current ones.
         self._where = {}
+        # Per-layer updates with gradient accumulation (step_param): gradients seen per parameter in this step,
+        # and each projected matrix's R summed so far with the P it was projected on. Not optimizer state: a
+        # checkpoint is taken between steps, when both are empty.
+        self._seen, self._pending = {}, {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, svd=svd)
         super().__init__(params, defaults)
 
@@ -221,6 +225,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for p, pending in list(self._pending.items()):  # per-layer: a matrix that got fewer gradients than asked
+            g, i = self._where[p]
+            self._update(p, self.param_groups[g], i, pending)
+        self._seen.clear()
+        self._pending.clear()
         for group in self.param_groups:
             # foreach=None: batched on CUDA, where launches cost; on a CPU the loop is faster (no stack copies).
             if self.foreach or self.foreach is None and any(p.is_cuda for p in group["params"]):
@@ -235,13 +244,39 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def step_param(self, p):
-        """Update one parameter now, with the schedule of the step in progress (for per-layer updates from a
-        backward hook; call step() once after backward to advance the counter)."""
+    def step_param(self, p, micro_batches=1):
+        """Per-layer updates: called from a backward hook each time p's gradient of a micro-batch is complete.
+        On the `micro_batches`-th call of this step, p is updated with the schedule of the step in progress and
+        p.grad is freed. Before that, a projected matrix's gradient is projected at once, R_i = P^T G_i, added
+        into a buffer of R's size (one moment's), and freed; an unprojected tensor keeps summing into p.grad.
+        Projection is linear, so the sum of the R_i is P^T (G_1 + ... + G_N): the update of the accumulated
+        gradient, which never exists in full. Call step() once after the last backward: it updates what is
+        still pending (a parameter that got fewer gradients) and advances the counter.
+        On a refresh step P cannot come from the accumulated G, which is never held: it is computed from the
+        first micro-batch's gradient G_1 (svd="subspace": one power step from the previous P on G_1), and every
+        micro-batch, the first included, is projected onto it. It replaces the old P only at the update, so a
+        run interrupted mid-accumulation has its optimizer state as the step before left it."""
         if p not in self._where:
             raise KeyError("step_param: this tensor is not a parameter of the optimizer")
         g, i = self._where[p]
-        self._update(p, self.param_groups[g], i)
+        group = self.param_groups[g]
+        self._seen[p] = self._seen.get(p, 0) + 1
+        if self.is_projected(p, group):
+            if p in self._pending:  # a later micro-batch: R += P^T G_i, on the first one's P
+                R, P, _ = self._pending[p]
+                R.add_(self.project(self._grad(p, group, i), P))
+            else:                   # this step's first: P refreshed if due, R = P^T G_1
+                self._pending[p] = self._project(p, group, i)
+            p.grad = None  # now in R
+        if self._seen[p] == micro_batches:
+            self._update(p, group, i, self._pending.pop(p, None))
+            p.grad = None
+
+    def zero_grad(self, set_to_none=True):
+        # The R summed by step_param is a gradient too: forgotten with the others.
+        self._seen.clear()
+        self._pending.clear()
+        super().zero_grad(set_to_none)
 
     @staticmethod
     def _grad(p, group, i):
@@ -256,29 +291,39 @@ class GaLoreAdamW(torch.optim.Optimizer):
         refresh = first or (self.steps_taken - self.proj_start_steps) % group["update_proj_gap"] == 0
         return refresh, first or (refresh and self.reset_on_update)
 
-    def _update(self, p, group, i):
+    def _project(self, p, group, i):
+        """(R, P, reset) for p's gradient at this step: P refreshed if due (not yet stored), R = P^T G on it, and
+        whether the moments restart; for an unprojected tensor (G, None, False)."""
         G = self._grad(p, group, i)  # (m, n) for a matrix; any shape else      Alg. 1: G_t = grad of phi_t(W_t)
+        if not self.is_projected(p, group):
+            return G, None, False  # P is the identity
+        state = self.state[p]
+        refresh, reset = self._refresh_due(state, group)
+        P = state.get("P")
+        if refresh:                                                             # Alg. 1: if t mod T = 0
+            # Alg. 1: U, S, V = SVD(G_t); P_t = U[:, :r] (the paper writes the m <= n case); else P_t = P_t-1
+            # (svd="subspace" passes the old P, and after the first refresh a power step from it replaces the SVD)
+            P = self.projector(G, group["rank"], group["svd"], P)              # (r, n) or (m, r)
+        return self.project(G, P), P, reset  # (m, r) or (r, n)                 Alg. 1: R_t = P_t^T G_t
+
+    def _update(self, p, group, i, projected_grad=None):
+        """One AdamW step of p. projected_grad: (R, P, reset) from _project, here or summed over micro-batches
+        by step_param."""
+        R, P, reset = projected_grad or self._project(p, group, i)
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         state = self.state[p]
-
-        projected = self.is_projected(p, group)
-        R, alpha = G, 1.0  # unprojected: P is the identity and there is no scale
+        projected = P is not None
+        alpha = group["scale"] if projected else 1.0  # unprojected: no scale
         if projected:
-            refresh, reset = self._refresh_due(state, group)
-            if refresh:                                                         # Alg. 1: if t mod T = 0
-                # Alg. 1: U, S, V = SVD(G_t); P_t = U[:, :r] (the paper writes the m <= n case); else P_t = P_t-1
-                # (svd="subspace" passes the old P, and after the first refresh a power step from it replaces the SVD)
-                state["P"] = self.projector(G, group["rank"], group["svd"], state.get("P"))  # (r, n) or (m, r)
-                if reset:
-                    # Zeroing the moments alone would not do: Adam divides by (1 - beta^k) to undo their
-                    # zero start, and with k still large that correction is ~1. The first update would then
-                    # be (1-beta1) R / sqrt((1-beta2) R^2) = 0.1 / 0.032 ~ 3.2x the size of a normal Adam
-                    # step. Restarting k at 0 makes the first step after a reset an ordinary first Adam step.
-                    # At the switch this also frees the full-rank (m, n) moments of the warmup.
-                    for key in ("exp_avg", "exp_avg_sq", "step"):
-                        state.pop(key, None)
-            R = self.project(G, state["P"])  # (m, r) or (r, n)                    Alg. 1: R_t = P_t^T G_t
-            alpha = group["scale"]
+            state["P"] = P  # a refreshed P takes the old one's place only now, with the update
+            if reset:
+                # Zeroing the moments alone would not do: Adam divides by (1 - beta^k) to undo their
+                # zero start, and with k still large that correction is ~1. The first update would then
+                # be (1-beta1) R / sqrt((1-beta2) R^2) = 0.1 / 0.032 ~ 3.2x the size of a normal Adam
+                # step. Restarting k at 0 makes the first step after a reset an ordinary first Adam step.
+                # At the switch this also frees the full-rank (m, n) moments of the warmup.
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    state.pop(key, None)
 
         if "step" not in state:
             state["step"] = 0                                                   # k, the moments' age
@@ -405,15 +450,23 @@ def galore_param_groups(model, rank, update_proj_gap=200, scale=0.25,
              "proj_type": "std"}]
 
 
-def attach_per_layer_updates(model, optimizer):
+def attach_per_layer_updates(model, optimizer, micro_batches=1):
     """Per-layer weight updates (LOMO's, which the paper adopts for its memory figures): each parameter is
     updated by optimizer.step_param(p) as soon as its gradient is complete during backward, and the gradient is
-    freed, so the model's full set of gradients never exists at once. Set the LR before backward and call
-    optimizer.step() after it: every grad is None by then, so step() only advances the schedule's counter.
-    No gradient accumulation and no global-norm clipping: both need all gradients at once."""
-    def hook(p):
-        optimizer.step_param(p)
-        p.grad = None
+    freed, so the model's full set of gradients never exists at once. With micro_batches = N > 1 (gradient
+    accumulation) a parameter is updated during the N-th backward of the step; before that, a projected matrix
+    keeps only R = P^T G summed over the micro-batches (one moment's size), an unprojected tensor its .grad.
+    The loop, for every optimizer step:
+
+        for group in optimizer.param_groups: group["lr"] = lr   # before the first backward of the step
+        for micro in range(N):
+            loss = model(x_micro, y_micro) / N; loss.backward() # the N-th backward updates the weights
+        optimizer.step()                                        # advances the schedule (and updates a
+                                                                # parameter that got fewer than N gradients)
+    No global-norm clipping: it needs all gradients at once. The weights change only in the N-th backward, so
+    an interrupted accumulation (before it) leaves weights and optimizer state as the last step left them;
+    optimizer.zero_grad() forgets what was accumulated."""
+    hook = lambda p: optimizer.step_param(p, micro_batches)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(hook)
 

@@ -5,6 +5,7 @@ The data and training tests need tiktoken's GPT-2 files: downloaded on first use
 in TIKTOKEN_CACHE_DIR (.ci/run sets it).
 """
 
+import copy
 import io
 import json
 import math
@@ -1246,7 +1247,6 @@ def test_a_log_write_cut_short_leaves_the_previous_log_whole(corpus, tmp_path, m
     (["--rank", "64"], "--rank 64 must be between 1 and the model width 64"),
     (["--lr", "-1"], "--lr -1.0 must be >= 0"),
     (["--block_size", "5000"], "too few for --block_size 5000"),
-    (["--per_layer", "--grad_accum", "2"], "cannot accumulate gradients"),
     (["--per_layer", "--grad_clip", "1.0"], "cannot clip their global norm"),
     (["--resume"], "--resume: no checkpoint at"),
     (["--input", "/other/text.txt"], "already holds files: "),
@@ -1448,6 +1448,116 @@ def test_per_layer_updates_equal_normal_steps_across_lr_change_and_refresh():
         torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
     for p, q in zip(normal.parameters(), per_layer.parameters()):
         assert opt_n.state[p].keys() == opt_p.state[q].keys() and opt_n.state[p]["step"] == opt_p.state[q]["step"]
+
+
+def _micro_batches(it, n=4):
+    g = torch.Generator().manual_seed(it)
+    return [(x[:, :-1], x[:, 1:]) for x in torch.randint(0, 512, (n, 2, 17), generator=g)]  # n x (2, 16)
+
+
+def _accumulate(model, opt, batches, step=True, of=None):
+    for x, y in batches:  # the loss of each micro-batch divided by their number (of), as train.py does
+        (model(x, y)[1] / (of or len(batches))).backward()
+    if step:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_per_layer_updates_with_accumulation_equal_the_standard_path_on_the_same_P():
+    # Between refreshes P is fixed, and P^T (G_1 + ... + G_4) = P^T G_1 + ... + P^T G_4: per-layer updates that
+    # sum the projected R_i give the standard path's step on the accumulated G. Not bit for bit (the sums are
+    # taken in another order), so to a tolerance far below one step's change. Both start from the standard
+    # path's state after its first projected step, so that they share P; no refresh in the steps compared.
+    standard = _small_model()
+    opt_s = GaLoreAdamW(galore_param_groups(standard, rank=4, update_proj_gap=100, verbose=False), lr=1e-2,
+                        weight_decay=0.01)
+    _accumulate(standard, opt_s, _micro_batches(0))
+    per_layer = _small_model()
+    per_layer.load_state_dict(standard.state_dict())
+    opt_p = GaLoreAdamW(galore_param_groups(per_layer, rank=4, update_proj_gap=100, verbose=False), lr=1e-2,
+                        weight_decay=0.01)
+    opt_p.load_state_dict(copy.deepcopy(opt_s.state_dict()))  # (load_state_dict keeps the tensors it is given)
+    attach_per_layer_updates(per_layer, opt_p, micro_batches=4)
+    start = [p.detach().clone() for p in standard.parameters()]
+    for it in range(1, 6):
+        for model, opt in ((standard, opt_s), (per_layer, opt_p)):
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (1 - it / 10)
+            _accumulate(model, opt, _micro_batches(it))
+    assert opt_s.steps_taken == opt_p.steps_taken == 6
+    for (name, p), q, p0 in zip(standard.named_parameters(), per_layer.parameters(), start):
+        assert (p - p0).abs().max() > 1e-3, name  # the weights moved...
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=name)  # ...and the same way
+    for p, q in zip(standard.parameters(), per_layer.parameters()):
+        a, b = opt_s.state[p], opt_p.state[q]
+        assert a.keys() == b.keys() and a["step"] == b["step"] and ("P" not in a or torch.equal(a["P"], b["P"]))
+        torch.testing.assert_close(b["exp_avg"], a["exp_avg"], rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(b["exp_avg_sq"], a["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+
+
+def test_per_layer_adamw_with_accumulation_is_torch_adamw_with_accumulation_bit_for_bit():
+    # Without 'rank' nothing is projected: each .grad sums its micro-batches as in the standard path, and the
+    # update on the last one is torch.optim.AdamW's, to the last bit.
+    ref, per_layer = _small_model(), _small_model()
+    opt_r = torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.1, foreach=False)
+    opt_p = GaLoreAdamW(per_layer.parameters(), lr=3e-3, weight_decay=0.1)
+    attach_per_layer_updates(per_layer, opt_p, micro_batches=3)
+    for it in range(4):
+        _accumulate(ref, opt_r, _micro_batches(it, 3))
+        _accumulate(per_layer, opt_p, _micro_batches(it, 3))
+    for (name, p), q in zip(ref.named_parameters(), per_layer.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_per_layer_accumulation_takes_P_from_the_first_micro_batch_and_changes_nothing_before_the_last():
+    # On a refresh step the accumulated G is never held: P is the projector of the first micro-batch's gradient
+    # (one power step from the previous P: svd="subspace"). Until the last micro-batch's backward, the weights
+    # and the optimizer state (P included) are the previous step's, so an interrupted accumulation loses nothing.
+    model = _small_model()
+    opt = GaLoreAdamW(galore_param_groups(model, rank=4, update_proj_gap=2, verbose=False), lr=1e-2)
+    attach_per_layer_updates(model, opt, micro_batches=4)
+    _accumulate(model, opt, _micro_batches(0))  # step 1 (s = 0): the first P, exact SVDs
+    _accumulate(model, opt, _micro_batches(1))  # s = 1: no refresh
+    assert opt.steps_taken == 2                 # s = 2: a refresh step
+    copy = _small_model()
+    copy.load_state_dict(model.state_dict())
+    x, y = _micro_batches(2)[0]
+    (copy(x, y)[1] / 4).backward()              # G_1, the first micro-batch's gradient, on an untouched copy
+    matrices = opt.param_groups[1]["params"]
+    old_P = [opt.state[p]["P"].clone() for p in matrices]
+    expected_P = [opt.projector(q.grad, 4, "subspace", P) for q, P in
+                  zip([dict(copy.named_parameters())[n] for n in opt.param_groups[1]["param_names"]], old_P)]
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = copy_state(opt)
+    _accumulate(model, opt, _micro_batches(2)[:3], step=False, of=4)  # 3 of the 4 micro-batches
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)) and same_state(copy_state(opt), state)
+    for x, y in _micro_batches(2)[3:]:
+        (model(x, y)[1] / 4).backward()          # the 4th: now every weight is updated, with the new P
+    assert all(not torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    for p, P_old, P_new in zip(matrices, old_P, expected_P):
+        assert torch.equal(opt.state[p]["P"], P_new) and not torch.equal(P_new, P_old)
+        assert opt.state[p]["step"] == 1  # the moments restarted with the refresh
+    opt.step()
+    # A parameter that got fewer gradients than micro_batches is updated by step(); zero_grad() forgets an
+    # accumulation instead.
+    weights = [p.detach().clone() for p in model.parameters()]
+    _accumulate(model, opt, _micro_batches(3)[:2], of=4)  # 2 of 4, then step() and zero_grad()
+    assert all(not torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    weights, state = [p.detach().clone() for p in model.parameters()], copy_state(opt)
+    _accumulate(model, opt, _micro_batches(4)[:2], step=False, of=4)
+    opt.zero_grad(set_to_none=True)
+    opt.step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)) and same_state(copy_state(opt), state)
+
+
+def copy_state(opt):
+    return [{k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
+            for group in opt.param_groups for p in group["params"]]
+
+
+def same_state(a, b):
+    return all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k]
+                                            for k in x) for x, y in zip(a, b))
 
 
 def test_per_layer_updates_take_the_lr_set_after_a_resume():
@@ -2010,16 +2120,21 @@ def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch):
                              f"{ckpt / 1e9:.1f} GB (details: add --plan)")
     free["bytes"] = ckpt_bf16 + 1  # the switches are tried cumulatively, in order
     assert "with --activation_checkpointing --param_dtype bfloat16 it needs" in problem(args)[1]
-    # Smaller micro-batches are the alternative to per-layer updates (which cannot accumulate gradients), never
-    # suggested together with them.
-    b1 = plan_memory(_plan_args("--batch_size", "1", "--grad_accum", "2", "--block_size", "512",
-                                "--optimizer", "adamw", "--activation_checkpointing", "--param_dtype", "bfloat16",
-                                size="tiny"),
+    # Then per-layer updates on top of those, then micro-batches of one on top of all (per-layer updates
+    # accumulate gradients too).
+    switches = ["--activation_checkpointing", "--param_dtype", "bfloat16", "--per_layer"]
+    pl = plan_memory(_plan_args(*flags, *switches, size="tiny"), "cuda")["peak_bytes"] * 1.15
+    b1 = plan_memory(_plan_args(*flags, *switches, "--batch_size", "1", "--grad_accum", "2", size="tiny"),
                      "cuda")["peak_bytes"] * 1.15
+    assert b1 < pl < ckpt_bf16
+    free["bytes"] = pl + 1
+    assert problem(args) == (None, f"this run needs about {base / 1e9:.1f} GB of GPU memory but "
+                             f"{free['bytes'] / 1e9:.1f} GB are free; with --activation_checkpointing --param_dtype "
+                             f"bfloat16 --per_layer it needs about {pl / 1e9:.1f} GB (details: add --plan)")
     free["bytes"] = b1 + 1
     changes, msg = problem(args)
     assert changes is None
-    assert "with --activation_checkpointing --param_dtype bfloat16 --batch_size 1 --grad_accum 2 it" in msg
+    assert "with --activation_checkpointing --param_dtype bfloat16 --per_layer --batch_size 1 --grad_accum 2 it" in msg
     free["bytes"] = 1e3  # every switch already on: nothing left to suggest
     args = _plan_args("--batch_size", "1", "--per_layer", "--param_dtype", "bfloat16",
                       "--activation_checkpointing", size="tiny")
@@ -2052,10 +2167,11 @@ def test_a_run_that_does_not_fit_takes_the_largest_micro_batch_that_does(monkeyp
                           f"--grad_accum {8 // best} and --activation_checkpointing")
                          + f" ({need[best, True] / 1e9:.1f} GB), the same 4,096 tokens per step (--no_auto_batch "
                          "refuses instead)")
-    # With per-layer updates (no accumulation) only checkpointing is tried.
+    # With per-layer updates, which accumulate too: micro-batches first, as for any run.
     pl = _plan_args("--block_size", "512", "--optimizer", "adamw", "--batch_size", "8", "--per_layer", size="tiny")
-    free["bytes"] = plan("--batch_size", "8", "--per_layer", "--activation_checkpointing") + 1
-    assert gpu_memory_problem(pl, "cuda")[0] == dict(batch_size=8, grad_accum=1, activation_checkpointing=True)
+    free["bytes"] = plan("--batch_size", "2", "--grad_accum", "4", "--per_layer") + 1
+    assert plan("--batch_size", "4", "--grad_accum", "2", "--per_layer") > free["bytes"]
+    assert gpu_memory_problem(pl, "cuda")[0] == dict(batch_size=2, grad_accum=4, activation_checkpointing=False)
 
 
 @pytest.mark.slow

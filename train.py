@@ -27,7 +27,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict
 
 import torch
@@ -102,7 +102,7 @@ def get_args(argv=None):
     a("--resume", action="store_true", help="continue from --out_dir/ckpt.pt")
     a("--sample_tokens", type=int, default=64, help="tokens to generate at the end")
     a("--wandb", metavar="PROJECT", default=None, help="also send log.jsonl's records to this Weights & Biases "
-      "project (pip install wandb, then wandb login once, or set WANDB_MODE=offline)")
+      "project (pip install wandb, then wandb login once, or set WANDB_MODE=offline; default: none)")
     a("--plan", action="store_true",
       help="predict this run's peak memory on fake tensors (no data, no GPU needed) and exit")
     args = p.parse_args(argv)
@@ -136,8 +136,6 @@ def check_args(args, cfg, world_size):
     if args.optimizer == "galore" and not 0 < args.rank < cfg.dim:
         return (f"--rank {args.rank} must be between 1 and the model width {cfg.dim} ({args.size}) minus 1; "
                 f"try --rank {DEFAULT_RANK[args.size]}")
-    if args.per_layer and args.grad_accum > 1:
-        return "--per_layer updates weights inside backward, so it cannot accumulate gradients: use --grad_accum 1"
     if args.per_layer and args.grad_clip > 0:
         return ("--per_layer never holds all gradients at once, so it cannot clip their global norm: "
                 "drop --grad_clip or use --grad_clip 0")
@@ -285,11 +283,14 @@ def build_optimizer(model, args, verbose=True, foreach=None):
     return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, foreach=foreach)
 
 
-def forward_backward(model, next_batch, grad_accum, ctx, ddp=False):
+def forward_backward(model, next_batch, grad_accum, ctx, ddp=False, before_last=None):
     """Accumulate the gradients of grad_accum micro-batches. Returns the mean loss over them (and over ranks
-    under DDP: what is logged, and the same NaN verdict on every rank), as a tensor."""
+    under DDP: what is logged, and the same NaN verdict on every rank), as a tensor. before_last() is called
+    before the last micro-batch, whose backward applies per-layer updates (main() holds Ctrl-C from there)."""
     mean_loss = 0.0
     for micro in range(grad_accum):
+        if micro == grad_accum - 1 and before_last:
+            before_last()
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro == grad_accum - 1
         x, y = next_batch()
@@ -339,8 +340,11 @@ def plan_memory(args, device_type, fake=True):
         # what torch picks for real tensors (fake ones make it fall back to its for-loop)
         optimizer = build_optimizer(model, args, verbose=False, foreach=device_type == "cuda")
         tracker = MemoryTracker(model, optimizer)  # before the per-layer hooks: it must see each grad first
+        # Micro-batch 1 creates the gradients (or, per-layer, the R sums), 2 adds into them, the last updates; any
+        # other is micro-batch 2 again, byte for byte: planned with at most 3, so a 7B plan of 64 takes seconds.
+        micro_batches = min(args.grad_accum, 3)
         if args.per_layer:
-            attach_per_layer_updates(model, optimizer)
+            attach_per_layer_updates(model, optimizer, micro_batches)
         model.register_forward_pre_hook(lambda *_: setattr(tracker, "phase", f"{label}: forward"))
         model.register_forward_hook(lambda *_: setattr(tracker, "phase", f"{label}: backward"))
         next_batch = lambda: tuple(torch.randint(0, cfg.vocab_size, (args.batch_size, args.block_size),
@@ -355,7 +359,7 @@ def plan_memory(args, device_type, fake=True):
         with tracker:
             for s, label in steps:
                 optimizer.steps_taken = s  # GaLoreAdamW's schedule counter (ignored by torch's AdamW)
-                forward_backward(model, next_batch, args.grad_accum, ctx)
+                forward_backward(model, next_batch, micro_batches, ctx)
                 tracker.phase = f"{label}: optimizer step"
                 optimizer_step(model, optimizer, args.grad_clip, args.per_layer, check_finite=False)
         weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
@@ -375,7 +379,7 @@ def gpu_memory_problem(args, device):
     to match), with activation checkpointing turned on only if no micro-batch fits without it: changes to args
     and the line that says so. Otherwise (None, a line naming the flags with which it would fit). Each candidate is
     planned too, in seconds. The vocabulary planned is --tokenizer's (GPT-2's by default): the data's is not read
-    yet. Per-layer updates cannot accumulate gradients, so with --per_layer only checkpointing is tried."""
+    yet."""
     free = torch.cuda.mem_get_info(device)[0]
     need = lambda a: plan_memory(a, "cuda")["peak_bytes"] * GPU_OVERHEAD
     try:
@@ -391,7 +395,7 @@ def gpu_memory_problem(args, device):
             return fit
     if not args.no_auto_batch:
         B, T = args.batch_size, args.block_size
-        micro = [b for b in range(B, 0, -1) if B % b == 0] if not args.per_layer else [B]
+        micro = [b for b in range(B, 0, -1) if B % b == 0]
         for ckpt in [False, True] if not args.activation_checkpointing else [True]:  # checkpointing only if needed
             for b in micro:
                 changes = dict(batch_size=b, grad_accum=args.grad_accum * B // b, activation_checkpointing=ckpt)
@@ -402,17 +406,17 @@ def gpu_memory_problem(args, device):
                                      f"{free / 1e9:.1f} GB are free: {' and '.join(how)} ({fit / 1e9:.1f} GB), the "
                                      f"same {B * T * args.grad_accum:,} tokens per step (--no_auto_batch refuses "
                                      "instead)")
-    # The switches, cumulatively; per-layer updates and smaller micro-batches are alternatives (per-layer
-    # updates cannot accumulate gradients).
+    # The switches, cumulatively; then per-layer updates, then micro-batches of one, each on top of them.
     candidates, flags, changes = [], [], {}
     for flag, change in (("--activation_checkpointing", dict(activation_checkpointing=True)),
                          ("--param_dtype bfloat16", dict(param_dtype="bfloat16"))):
         if any(getattr(args, k) != v for k, v in change.items()):
             flags, changes = flags + [flag], {**changes, **change}
             candidates.append((flags, changes))
-    if args.grad_accum == 1 and not args.per_layer:
-        candidates.append((flags + ["--per_layer"], {**changes, "per_layer": True, "grad_clip": 0.0}))
-    if args.batch_size > 1 and not args.per_layer:  # the same tokens per step, in micro-batches of one
+    if not args.per_layer:
+        flags, changes = flags + ["--per_layer"], {**changes, "per_layer": True, "grad_clip": 0.0}
+        candidates.append((flags, changes))
+    if args.batch_size > 1:  # the same tokens per step, in micro-batches of one
         n = args.batch_size * args.grad_accum
         candidates.append((flags + [f"--batch_size 1 --grad_accum {n}"], {**changes, "batch_size": 1, "grad_accum": n}))
     for flags, changes in candidates:
@@ -778,7 +782,7 @@ def main(argv=None):
     saved_wandb_id = ckpt["args"].get("wandb_id") if ckpt is not None else None
     del ckpt
     if args.per_layer:
-        attach_per_layer_updates(model, optimizer)
+        attach_per_layer_updates(model, optimizer, args.grad_accum)
     raw_model = model  # what is saved and evaluated: never the compiled or DDP-wrapped one
     if args.compile:
         model = torch.compile(model)
@@ -842,9 +846,11 @@ def main(argv=None):
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.time()  # the training step only: evals and checkpoints are not tokens/s
-            with ctrl_c.wait() if args.per_layer else nullcontext():  # per-layer: backward updates the weights
+            with ExitStack() as held:  # per-layer: the last micro-batch's backward updates the weights, so from
+                # there to `done` a Ctrl-C waits; during the micro-batches before it, nothing has changed yet
+                hold = (lambda: held.enter_context(ctrl_c.wait())) if args.per_layer else None
                 # .item() is one host-device sync per step: a non-finite loss must stop the run before it is applied
-                lossf = forward_backward(model, next_batch, args.grad_accum, ctx, ddp).item()
+                lossf = forward_backward(model, next_batch, args.grad_accum, ctx, ddp, hold).item()
                 if not math.isfinite(lossf):
                     stop_nonfinite(f"loss is {lossf}", it, ckpt_path, master)
                 with ctrl_c.wait():  # the update, the record that it happened, and its log line, as one
