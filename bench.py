@@ -20,6 +20,7 @@ English text and compares the final validation loss of AdamW and GaLore (section
     python bench.py --quality                                 # the 17-run sweep, ~58 min on 2 CPU cores
     python bench.py --quality --quality_runs pair             # AdamW lr 1e-3 vs GaLore r=64 lr 1e-2, 7 min
     python bench.py --quality --quality_runs refresh          # exact SVD vs subspace iteration, 3 pairs
+    python bench.py --quality --quality_runs accum            # per-layer + 4 micro-batches vs standard + 4
 
 The long horizon (10x the tokens; 8.65 MB of stdlib, torch, numpy and matplotlib docstrings): LONG_RUNS, shared by
 two processes that write one JSON (~47 min per run with one thread each on this 2-core machine):
@@ -77,6 +78,9 @@ PLAN_VARIANTS = {  # name: train.py flags
     "galore_pl": ["--per_layer"],
     "galore_pl_bf16": ["--per_layer", "--param_dtype", "bfloat16"],
     "galore_pl_bf16_ckpt": ["--per_layer", "--param_dtype", "bfloat16", "--activation_checkpointing"],
+    # the same, accumulating 64 micro-batches per optimizer step (65,536 tokens at batch 1 x 1024)
+    "galore_pl_bf16_ckpt_acc64": ["--per_layer", "--param_dtype", "bfloat16", "--activation_checkpointing",
+                                  "--grad_accum", "64"],
 }
 GPUS_GB = (8, 12, 16, 24)  # common laptop / desktop GPU memory sizes
 
@@ -485,20 +489,23 @@ def docstring_text(path, packages=()):
 
 
 def run_config(optimizer, lr, alpha, rank=None, gap=200, reset=True, svd="full", proj_start=0, other_scale=1.0,
-               seed=0):
+               seed=0, accum=1, per_layer=False, clip=1.0):
     """One quality run's settings, with None where its optimizer has no use for one: the record's key.
     alpha: GaLore's scale (the control's factor on the matrices' lr); proj_start: GaLoreAdamW's proj_start_steps
-    (full-rank warmup); other_scale: the unprojected tensors' lr is lr x other_scale; seed: init and batch order."""
+    (full-rank warmup); other_scale: the unprojected tensors' lr is lr x other_scale; seed: init and batch order;
+    accum: micro-batches per step (the batch split, the same tokens); per_layer: GaLore's per-layer updates;
+    clip: the global grad-norm clip (0 = none; per-layer updates cannot clip)."""
     g = optimizer == "galore"
     return dict(optimizer=optimizer, lr=lr, rank=rank if g else None, gap=gap if g else None,
                 reset=reset if g else None, svd=svd if g else None, alpha=alpha if optimizer != "adamw" else None,
-                proj_start=proj_start if g else None, other_scale=other_scale if g else None, seed=seed)
+                proj_start=proj_start if g else None, other_scale=other_scale if g else None, seed=seed,
+                accum=accum, per_layer=per_layer if g else None, clip=clip)
 
 
 def run_key(r, alpha):
     """The settings of record r as a tuple; records written before a setting existed had its default."""
-    given = {k: r[k] for k in ("rank", "gap", "reset", "svd", "proj_start", "other_scale", "seed")
-             if r.get(k) is not None}
+    given = {k: r[k] for k in ("rank", "gap", "reset", "svd", "proj_start", "other_scale", "seed", "accum",
+                               "per_layer", "clip") if r.get(k) is not None}
     return tuple(run_config(r["optimizer"], r["lr"], r.get("alpha", alpha), **given).values())
 
 
@@ -514,6 +521,8 @@ def quality_run(data_dir, vocab_size, args, cfg):
     if cfg["optimizer"] == "galore":
         opt = GaLoreAdamW([{**other, "lr_scale": cfg["other_scale"]}, matrices], lr=cfg["lr"],
                           proj_start_steps=cfg["proj_start"], reset_on_update=cfg["reset"], svd=cfg["svd"])
+        if cfg["per_layer"]:
+            attach_per_layer_updates(model, opt, cfg["accum"])
     elif cfg["optimizer"] == "adamw_galore_lrs":
         opt = torch.optim.AdamW([other, {"params": matrices["params"], "lr_scale": cfg["alpha"]}], lr=cfg["lr"])
     else:
@@ -538,10 +547,12 @@ def quality_run(data_dir, vocab_size, args, cfg):
         lr_t = get_lr(it, cfg["lr"], 0.1 * cfg["lr"], args.steps // 10, args.steps)
         for group in opt.param_groups:
             group["lr"] = lr_t * group.get("lr_scale", 1.0)
-        x, y = get_batch(data_dir, "train", args.batch_size, args.block_size, generator=gen)
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for _ in range(cfg["accum"]):  # the batch in accum micro-batches, the loss of each / accum, as train.py
+            x, y = get_batch(data_dir, "train", args.batch_size // cfg["accum"], args.block_size, generator=gen)
+            _, loss = model(x, y)
+            (loss / cfg["accum"]).backward()
+        if cfg["clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         if not math.isfinite(loss.item()):
@@ -586,9 +597,11 @@ def describe(r, alpha):
     """A run's settings in a few words: the optimizer and lr, then what differs from the defaults."""
     text = f"{r['optimizer']} lr {r['lr']:g}" + (f" r={r['rank']}" if r.get("rank") else "")
     defaults = run_config("galore", 1.0, alpha, rank=r.get("rank"))
-    for k in ("gap", "reset", "svd", "alpha", "proj_start", "other_scale"):
+    for k in ("gap", "reset", "svd", "alpha", "proj_start", "other_scale", "per_layer"):
         if r["optimizer"] == "galore" and r.get(k, defaults[k]) != defaults[k]:
             text += f" {dict(gap='T', proj_start='warmup', other_scale='other lr x').get(k, k)}={r[k]}"
+    text += f" accum={r['accum']}" if r.get("accum", 1) != 1 else ""
+    text += f" clip={r['clip']}" if r.get("clip", 1.0) != 1.0 else ""
     return text + (f" seed {r['seed']}" if r.get("seed") else "")
 
 
@@ -674,6 +687,12 @@ def quality_sweep(args, out):
         res = result()
         print_ratios(res["runs"], args.alpha)
         return res
+    if args.quality_runs == "accum":  # per-layer updates with accumulation against the standard path
+        standard, per_layer = (run("galore", 1e-2, rank=width // 4, accum=4, clip=0.0, per_layer=pl)
+                               for pl in (False, True))
+        print(f"4 micro-batches, no clipping: per-layer / standard final val loss = {per_layer['final_val_loss']:.4f} "
+              f"/ {standard['final_val_loss']:.4f} = {per_layer['final_val_loss'] / standard['final_val_loss']:.4f}")
+        return result()
     if args.quality_runs == "refresh":  # the exact SVD against subspace iteration, same lr, T and seed
         for rank, gap in ((width // 4, 200), (width // 4, 50), (width // 2, 200)):
             exact, fast = (run("galore", 1e-2, rank=rank, gap=gap, svd=svd) for svd in ("full", "subspace"))
@@ -711,6 +730,7 @@ def quality_chart(result, path):
     for r in runs:
         if plain(r):
             groups.setdefault((r["optimizer"], r["rank"]), []).append(r)
+    groups = groups or {i: [r] for i, r in enumerate(runs)}  # none plain (e.g. --quality_runs accum): each run
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for rs in groups.values():
         b = min(rs, key=lambda r: r["final_val_loss"])
@@ -763,10 +783,11 @@ def main():
     p.add_argument("--svd_repeats", type=int, default=3)
     p.add_argument("--quality", action="store_true", help="AdamW vs GaLore final val loss on byte-level text (CPU)")
     p.add_argument("--quality_runs", default="sweep",
-                   choices=["sweep", "pair", "adamw", "galore", "refresh", "long"],
+                   choices=["sweep", "pair", "adamw", "galore", "refresh", "long", "accum"],
                    help="with --quality: the whole sweep, AdamW vs GaLore (or either half of that pair alone, e.g. to "
                    "run them in two processes with two --out files), exact SVD vs subspace iteration, or the "
-                   "long-horizon runs (LONG_RUNS: lr brackets and one change at a time from GaLore's defaults)")
+                   "long-horizon runs (LONG_RUNS: lr brackets and one change at a time from GaLore's defaults), or "
+                   "GaLore's per-layer updates with 4 micro-batches against the standard path with 4")
     p.add_argument("--quality_part", default="0/1", type=quality_part, metavar="K/N",
                    help="with --quality_runs long: only every N-th run from the K-th (0-based), so that N processes "
                    "given the same --out share the list")

@@ -118,8 +118,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # replaces the dicts, and the hooks must read the LR the training loop sets on the current ones.
         self._where = {}
         # Per-layer updates with gradient accumulation (step_param): gradients seen per parameter in this step,
-        # and each projected matrix's R summed so far with the P it was projected on. Not optimizer state: a
-        # checkpoint is taken between steps, when both are empty.
+        # and each projected matrix's R summed so far. Not optimizer state: they are gradients.
         self._seen, self._pending = {}, {}
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, svd=svd)
         super().__init__(params, defaults)
@@ -225,9 +224,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for p, pending in list(self._pending.items()):  # per-layer: a matrix that got fewer gradients than asked
+        for p, R in list(self._pending.items()):  # per-layer: a matrix that got fewer gradients than asked
             g, i = self._where[p]
-            self._update(p, self.param_groups[g], i, pending)
+            self._update(p, self.param_groups[g], i, R)
         self._seen.clear()
         self._pending.clear()
         for group in self.param_groups:
@@ -254,17 +253,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
         still pending (a parameter that got fewer gradients) and advances the counter.
         On a refresh step P cannot come from the accumulated G, which is never held: it is computed from the
         first micro-batch's gradient G_1 (svd="subspace": one power step from the previous P on G_1), and every
-        micro-batch, the first included, is projected onto it. It replaces the old P only at the update, so a
-        run interrupted mid-accumulation has its optimizer state as the step before left it."""
+        micro-batch, the first included, is projected onto it. It replaces the old P at once (and the reset
+        frees the old moments then, not at the update): the matrix is marked as refreshed for this step, so that
+        a run interrupted mid-accumulation, saved and resumed repeats the step on this P."""
         if p not in self._where:
             raise KeyError("step_param: this tensor is not a parameter of the optimizer")
         g, i = self._where[p]
         group = self.param_groups[g]
         self._seen[p] = self._seen.get(p, 0) + 1
         if self.is_projected(p, group):
-            if p in self._pending:  # a later micro-batch: R += P^T G_i, on the first one's P
-                R, P, _ = self._pending[p]
-                R.add_(self.project(self._grad(p, group, i), P))
+            if p in self._pending:  # a later micro-batch: R += P^T G_i
+                self._pending[p].add_(self.project(self._grad(p, group, i), self.state[p]["P"]))
             else:                   # this step's first: P refreshed if due, R = P^T G_1
                 self._pending[p] = self._project(p, group, i)
             p.grad = None  # now in R
@@ -287,35 +286,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _refresh_due(self, state, group):
         """(refresh P at this step, reset the moments with it) for a projected matrix with this state."""
+        if state.get("refreshed_at") == self.steps_taken:  # already refreshed in this step (see _project)
+            return False, False
         first = "P" not in state  # the switch (or this matrix missed it: it had no gradient then)
         refresh = first or (self.steps_taken - self.proj_start_steps) % group["update_proj_gap"] == 0
         return refresh, first or (refresh and self.reset_on_update)
 
     def _project(self, p, group, i):
-        """(R, P, reset) for p's gradient at this step: P refreshed if due (not yet stored), R = P^T G on it, and
-        whether the moments restart; for an unprojected tensor (G, None, False)."""
+        """R = P^T G for p's gradient at this step, P refreshed first if due; G itself for an unprojected tensor."""
         G = self._grad(p, group, i)  # (m, n) for a matrix; any shape else      Alg. 1: G_t = grad of phi_t(W_t)
         if not self.is_projected(p, group):
-            return G, None, False  # P is the identity
+            return G  # P is the identity
         state = self.state[p]
         refresh, reset = self._refresh_due(state, group)
-        P = state.get("P")
         if refresh:                                                             # Alg. 1: if t mod T = 0
             # Alg. 1: U, S, V = SVD(G_t); P_t = U[:, :r] (the paper writes the m <= n case); else P_t = P_t-1
             # (svd="subspace" passes the old P, and after the first refresh a power step from it replaces the SVD)
-            P = self.projector(G, group["rank"], group["svd"], P)              # (r, n) or (m, r)
-        return self.project(G, P), P, reset  # (m, r) or (r, n)                 Alg. 1: R_t = P_t^T G_t
-
-    def _update(self, p, group, i, projected_grad=None):
-        """One AdamW step of p. projected_grad: (R, P, reset) from _project, here or summed over micro-batches
-        by step_param."""
-        R, P, reset = projected_grad or self._project(p, group, i)
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        state = self.state[p]
-        projected = P is not None
-        alpha = group["scale"] if projected else 1.0  # unprojected: no scale
-        if projected:
-            state["P"] = P  # a refreshed P takes the old one's place only now, with the update
+            state["P"] = self.projector(G, group["rank"], group["svd"], state.get("P"))  # (r, n) or (m, r)
             if reset:
                 # Zeroing the moments alone would not do: Adam divides by (1 - beta^k) to undo their
                 # zero start, and with k still large that correction is ~1. The first update would then
@@ -324,6 +311,20 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 # At the switch this also frees the full-rank (m, n) moments of the warmup.
                 for key in ("exp_avg", "exp_avg_sq", "step"):
                     state.pop(key, None)
+            # Done for this step, until _update: with accumulation (step_param) the update comes micro-batches
+            # later, and a run cut short in between and resumed repeats the step on this P, not a new one.
+            state["refreshed_at"] = self.steps_taken
+        return self.project(G, state["P"])  # (m, r) or (r, n)                 Alg. 1: R_t = P_t^T G_t
+
+    def _update(self, p, group, i, R=None):
+        """One AdamW step of p; R: its projected gradient if already computed (summed over micro-batches by
+        step_param), else projected here."""
+        R = self._project(p, group, i) if R is None else R
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state = self.state[p]
+        state.pop("refreshed_at", None)
+        projected = self.is_projected(p, group)
+        alpha = group["scale"] if projected else 1.0  # unprojected: no scale
 
         if "step" not in state:
             state["step"] = 0                                                   # k, the moments' age
@@ -464,8 +465,9 @@ def attach_per_layer_updates(model, optimizer, micro_batches=1):
         optimizer.step()                                        # advances the schedule (and updates a
                                                                 # parameter that got fewer than N gradients)
     No global-norm clipping: it needs all gradients at once. The weights change only in the N-th backward, so
-    an interrupted accumulation (before it) leaves weights and optimizer state as the last step left them;
-    optimizer.zero_grad() forgets what was accumulated."""
+    an accumulation interrupted before it leaves the weights as the last step left them, and a checkpoint of
+    weights and optimizer.state_dict() taken then resumes exactly (by repeating the step: on a refresh step the
+    new P is in the state already, marked as this step's); optimizer.zero_grad() forgets what was accumulated."""
     hook = lambda p: optimizer.step_param(p, micro_batches)
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(hook)

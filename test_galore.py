@@ -1078,6 +1078,48 @@ def test_ctrl_c_saves_and_resume_equals_uninterrupted_run(corpus, tmp_path):
 
 
 @pytest.mark.slow
+def test_per_layer_accumulation_trains_and_a_ctrl_c_mid_accumulation_resumes_bit_for_bit(corpus, tmp_path,
+                                                                                         monkeypatch):
+    # --per_layer --grad_accum 4: a real SIGINT lands in the 2nd micro-batch of step 7 (s = 6, a refresh: its
+    # new P is in the state by then), before any weight of that step has changed; the resumed run must end
+    # with the weights and optimizer state of the run that was never interrupted.
+    import train
+    _, data_dir = corpus
+    common = [*TINY, "--steps", "12", "--eval_interval", "6", "--update_proj_gap", "3", "--per_layer",
+              "--grad_accum", "4", "--data_dir", data_dir]
+    train_main([*common, "--out_dir", str(tmp_path / "a")])
+    a = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)
+    val = [r["val_loss"] for r in a["log"] if "val_loss" in r]
+    assert len(val) == 3 and val[-1] < val[0] - 2.0  # it trains
+    real_get_batch, calls = train.get_batch, []
+    def get_batch(data_dir, split, batch_size, *args, **kw):
+        if split == "train" and batch_size == 4:  # a training micro-batch (load_data reads one row to check)
+            calls.append(1)
+            if len(calls) == 6 * 4 + 2:  # step index 6, micro-batch 2 of 4
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_get_batch(data_dir, split, batch_size, *args, **kw)
+    monkeypatch.setattr(train, "get_batch", get_batch)
+    before = {s: signal.getsignal(s) for s in CtrlC.SIGNALS}
+    try:
+        with pytest.raises(SystemExit) as stop:
+            train_main([*common, "--out_dir", str(tmp_path / "b")])
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    assert stop.value.code == 130 and len(calls) == 6 * 4 + 2  # stopped at once, in that micro-batch
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert b["step"] == 6 and any("refreshed_at" in st for st in b["optimizer"]["state"].values())
+    monkeypatch.setattr(train, "get_batch", real_get_batch)
+    train_main([*common, "--out_dir", str(tmp_path / "b"), "--resume"])
+    b = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) if torch.is_tensor(sa[i][k])
+                                          else sa[i][k] == sb[i][k] for i in sa for k in sa[i])
+    assert [r["step"] for r in a["log"]] == [r["step"] for r in b["log"]]
+
+
+@pytest.mark.slow
 def test_ctrl_c_during_an_eval_stops_at_once_and_keeps_a_resumable_checkpoint(corpus, tmp_path):
     _, data_dir = corpus
     common = [*TINY, "--steps", "6", "--eval_interval", "3", "--data_dir", data_dir, "--out_dir", str(tmp_path)]
@@ -1509,34 +1551,47 @@ def test_per_layer_adamw_with_accumulation_is_torch_adamw_with_accumulation_bit_
         assert torch.equal(p, q), name
 
 
-def test_per_layer_accumulation_takes_P_from_the_first_micro_batch_and_changes_nothing_before_the_last():
+def test_per_layer_accumulation_takes_P_from_the_first_micro_batch_and_a_cut_short_step_repeats_on_it():
     # On a refresh step the accumulated G is never held: P is the projector of the first micro-batch's gradient
-    # (one power step from the previous P: svd="subspace"). Until the last micro-batch's backward, the weights
-    # and the optimizer state (P included) are the previous step's, so an interrupted accumulation loses nothing.
+    # (one power step from the previous P: svd="subspace"), stored at once. Until the last micro-batch's
+    # backward the weights are the previous step's; a checkpoint taken then and resumed repeats the step on the
+    # same P (not a power step from it), with the same result as the step that was not cut short.
     model = _small_model()
     opt = GaLoreAdamW(galore_param_groups(model, rank=4, update_proj_gap=2, verbose=False), lr=1e-2)
     attach_per_layer_updates(model, opt, micro_batches=4)
     _accumulate(model, opt, _micro_batches(0))  # step 1 (s = 0): the first P, exact SVDs
     _accumulate(model, opt, _micro_batches(1))  # s = 1: no refresh
     assert opt.steps_taken == 2                 # s = 2: a refresh step
-    copy = _small_model()
-    copy.load_state_dict(model.state_dict())
+    untouched = _small_model()
+    untouched.load_state_dict(model.state_dict())
     x, y = _micro_batches(2)[0]
-    (copy(x, y)[1] / 4).backward()              # G_1, the first micro-batch's gradient, on an untouched copy
+    (untouched(x, y)[1] / 4).backward()         # G_1, the first micro-batch's gradient, on an untouched copy
     matrices = opt.param_groups[1]["params"]
     old_P = [opt.state[p]["P"].clone() for p in matrices]
     expected_P = [opt.projector(q.grad, 4, "subspace", P) for q, P in
-                  zip([dict(copy.named_parameters())[n] for n in opt.param_groups[1]["param_names"]], old_P)]
+                  zip([dict(untouched.named_parameters())[n] for n in opt.param_groups[1]["param_names"]], old_P)]
     weights = [p.detach().clone() for p in model.parameters()]
-    state = copy_state(opt)
     _accumulate(model, opt, _micro_batches(2)[:3], step=False, of=4)  # 3 of the 4 micro-batches
-    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)) and same_state(copy_state(opt), state)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    for p, P_old, P_new in zip(matrices, old_P, expected_P):
+        assert torch.equal(opt.state[p]["P"], P_new) and not torch.equal(P_new, P_old)
+        assert "exp_avg" not in opt.state[p]  # reset: the old moments are freed already
+    # Cut short here: a checkpoint, and a fresh model and optimizer resumed from it, as train.py does.
+    resumed = _small_model()
+    resumed.load_state_dict(model.state_dict())
+    opt_r = GaLoreAdamW(galore_param_groups(resumed, rank=4, update_proj_gap=2, verbose=False), lr=1e-2)
+    opt_r.load_state_dict(copy.deepcopy(opt.state_dict()))
+    attach_per_layer_updates(resumed, opt_r, micro_batches=4)
+    _accumulate(resumed, opt_r, _micro_batches(2))  # the whole step again
     for x, y in _micro_batches(2)[3:]:
         (model(x, y)[1] / 4).backward()          # the 4th: now every weight is updated, with the new P
     assert all(not torch.equal(p, w) for p, w in zip(model.parameters(), weights))
-    for p, P_old, P_new in zip(matrices, old_P, expected_P):
-        assert torch.equal(opt.state[p]["P"], P_new) and not torch.equal(P_new, P_old)
-        assert opt.state[p]["step"] == 1  # the moments restarted with the refresh
+    for p, P_new in zip(matrices, expected_P):
+        assert torch.equal(opt.state[p]["P"], P_new) and opt.state[p]["step"] == 1  # moments restarted
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+    assert same_state(copy_state(opt), copy_state(opt_r)) and "refreshed_at" not in str(opt.state_dict())
     opt.step()
     # A parameter that got fewer gradients than micro_batches is updated by step(); zero_grad() forgets an
     # accumulation instead.

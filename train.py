@@ -354,6 +354,8 @@ def plan_memory(args, device_type, fake=True):
         if args.optimizer == "galore":
             s = args.proj_start_steps or args.update_proj_gap
             steps.append((s, f"step {s + 1} (" + ("switch to low rank)" if args.proj_start_steps else "refresh)")))
+            if args.per_layer and micro_batches > 1:  # R sums next to all moments (a refresh frees the old ones)
+                steps.append((s + 1, f"step {s + 2} (accumulating R with the moments in place)"))
         else:
             steps.append((1, "step 2"))
         with tracker:
