@@ -28,6 +28,10 @@ two processes that write one JSON (~47 min per run with one thread each on this 
     OMP_NUM_THREADS=1 python bench.py --quality --quality_text packages --steps 4000 --eval_interval 200 \
         --quality_runs long --quality_part 0/2 --out quality_long.json     # and --quality_part 1/2 next to it
 
+What bench.py takes from train.py, and why: get_args and DEFAULT_RANK (a benchmarked run is a train.py run, its
+flags and ranks), get_lr (the quality runs follow train.py's schedule), plan_memory (--plan plans train.py's own
+step) and save_atomic with WriteError (results are written as train.py writes its files). Everything else is here.
+
 --plan runs train.py's memory planner (train.py --plan, memplan.py) for every size and plan variant below: the
 real training steps on fake tensors, batch 1 x 1024 tokens. It writes a JSON record per (size, variant) and a
 chart of the planned peak against model size, with the memory of common GPUs. On CUDA it also runs each plan

@@ -1,13 +1,31 @@
 """
-Know the GPU memory before the GPU: follow every tensor a training step creates and report the peak.
+Know the GPU memory before the GPU: run your training step on fake tensors and get its peak.
 
     python train.py --size 7B --per_layer --param_dtype bfloat16 --activation_checkpointing --plan
     python bench.py --plan --sizes 125M,350M,1B,3B,7B          # every variant, table + chart
 
-Run the real model and optimizer under PyTorch's FakeTensorMode and each operator runs with shapes and dtypes
-but allocates nothing: a 7B training step executes in seconds on a laptop CPU. `MemoryTracker` sits on top and
-sees the output of every operator. It keeps a table of the live tensor storages (bytes, category), adds a
-storage when an operator creates it and drops it when Python frees it, and records the largest total.
+Your own model and loop, in a few lines (this file depends on torch only: copy it into your project):
+
+    import torch
+    from memplan import plan, report
+
+    def build():                 # your model and optimizer, created where your run creates them
+        model = torch.nn.Sequential(torch.nn.Linear(1024, 4096), torch.nn.GELU(), torch.nn.Linear(4096, 1024))
+        return model, torch.optim.AdamW(model.parameters(), foreach=False)
+
+    def step(model, optimizer, i):   # one training step of your loop: forward, backward, update
+        x = torch.randn(64, 1024)
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    p = plan(build, step)            # two steps: the first creates the optimizer state
+    print(report(p))                 # "peak 0.17 GB of tensors, during step 1: optimizer step; ..."
+
+Under PyTorch's FakeTensorMode each operator runs with shapes and dtypes but allocates nothing: a 7B training
+step executes in seconds on a laptop CPU. `MemoryTracker` sits on top and sees the output of every operator.
+It keeps a table of the live tensor storages (bytes, category), adds a storage when an operator creates it and
+drops it when Python frees it, and records the largest total.
 
 Why a TorchDispatchMode of our own rather than torch.distributed._tools.mem_tracker.MemTracker: that one is a
 private module that can change between releases, and its categories come from module and optimizer hooks
@@ -26,9 +44,12 @@ What it does not: the CUDA context and library workspaces (cuBLAS, cuDNN, NCCL),
 rounding and fragmentation. The README gives that margin as measured on a GPU.
 """
 
+from contextlib import nullcontext
+
 import weakref
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -119,3 +140,50 @@ class MemoryTracker(TorchDispatchMode):
         for nbytes, category in self._peak_entries:
             out[category] += nbytes
         return out
+
+
+def plan(build, step, steps=2, attach=None, labels=None, fake=True):
+    """Peak memory of `steps` training steps (see the example at the top), predicted on fake tensors.
+        build() -> (model, optimizer): created on the device you plan for (a fake tensor takes no memory; the
+                   tensors' dtypes, shapes and autocast are what count)
+        step(model, optimizer, i): training step i; forward, backward and optimizer.step() are named in the
+                   phases by hooks (model forward pre-hook, forward hook, optimizer step pre-hook)
+        attach(model, optimizer): hooks that must come after the tracker's, e.g. per-layer updates that free
+                   p.grad (the tracker's gradient hook must see it first)
+        labels:    a name per step for the phases (default "step 1", "step 2", ...)
+        fake=False runs the same steps on real tensors: how a plan is checked.
+    Returns the peak and its phase, the bytes per category at the peak (they add up to it), every phase's
+    peak, what is live at the end, and the model's parameter count, weight and optimizer-state bytes."""
+    labels = labels or [f"step {i + 1}" for i in range(steps)]
+    now = [labels[0]]  # the step in progress, for the hooks
+    with FakeTensorMode() if fake else nullcontext():
+        model, optimizer = build()
+        tracker = MemoryTracker(model, optimizer)
+        if attach is not None:
+            attach(model, optimizer)
+        name = lambda what: setattr(tracker, "phase", f"{now[0]}: {what}")
+        hooks = [model.register_forward_pre_hook(lambda *_: name("forward")),
+                 model.register_forward_hook(lambda *_: name("backward")),
+                 optimizer.register_step_pre_hook(lambda *_: name("optimizer step"))]
+        with tracker:
+            for i in range(steps):
+                now[0] = labels[i]
+                step(model, optimizer, i)
+        for h in hooks:
+            h.remove()
+        state = [t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+        return dict(peak_bytes=tracker.peak, peak_phase=tracker.peak_phase, bytes=tracker.peak_breakdown(),
+                    phase_peaks=dict(tracker.phase_peaks), end_bytes=tracker.now,
+                    params=sum(p.numel() for p in model.parameters()),
+                    weight_bytes=sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
+                    state_bytes=sum(t.numel() * t.element_size() for t in state))
+
+
+def report(p):
+    """A plan as text: the peak and its phase, the bytes per category at that moment, the peak of each phase."""
+    gb = lambda b: f"{b / 1e9:6.2f} GB"
+    lines = [f"peak {gb(p['peak_bytes'])} of tensors, during {p['peak_phase']}; at that moment:"]
+    lines += [f"  {category:<16} {gb(b)}" for category, b in p["bytes"].items()]
+    lines += ["peak of each phase:"]
+    lines += [f"  {phase:<55} {gb(b)}" for phase, b in p["phase_peaks"].items() if phase != "setup"]
+    return "\n".join(lines)

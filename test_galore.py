@@ -5,6 +5,7 @@ The data and training tests need tiktoken's GPT-2 files: downloaded on first use
 in TIKTOKEN_CACHE_DIR (.ci/run sets it).
 """
 
+import contextlib
 import copy
 import io
 import json
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from contextlib import nullcontext
 
@@ -2060,6 +2062,27 @@ def test_plan_on_fake_tensors_equals_the_same_steps_on_real_tensors(size, varian
     fake, real = plan_memory(args, "cpu"), plan_memory(args, "cpu", fake=False)
     assert fake["peak_bytes"] == real["peak_bytes"] and fake["bytes"] == real["bytes"]
     assert fake["phase_peaks"] == real["phase_peaks"] and fake["peak_phase"] == real["peak_phase"]
+
+
+def test_memplan_docstring_example_plans_a_model_of_your_own():
+    # The example at the top of memplan.py, run as printed: a model that is not this project's Llama, with
+    # torch's AdamW, planned on fake tensors, then the same steps on real tensors for the check.
+    import memplan
+    example = memplan.__doc__.split("Your own model and loop")[1].split("Under PyTorch's FakeTensorMode")[0]
+    code = textwrap.dedent("\n".join(example.splitlines()[1:]))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        scope = {}
+        exec(code, scope)
+    p, n = scope["p"], 1024 * 4096 + 4096 + 4096 * 1024 + 1024
+    assert out.getvalue() == memplan.report(p) + "\n" and out.getvalue().startswith(
+        f"peak {p['peak_bytes'] / 1e9:6.2f} GB of tensors, during step ")
+    assert p["params"] == n and p["weight_bytes"] == p["bytes"]["weights"] == 4 * n
+    assert p["bytes"]["gradients"] == 4 * n and p["state_bytes"] >= 8 * n  # M and V of every weight
+    real = memplan.plan(scope["build"], scope["step"], fake=False)
+    assert real["peak_bytes"] == p["peak_bytes"] and real["bytes"] == p["bytes"]
+    assert real["phase_peaks"] == p["phase_peaks"] and set(p["phase_peaks"]) >= {
+        "step 1: forward", "step 1: backward", "step 1: optimizer step", "step 2: optimizer step"}
 
 
 def test_plan_categories_are_exact_counts():

@@ -32,13 +32,12 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from data import (WIKITEXT, DataError, check_token_ids, default_data_dir, folder_problem, get_batch, get_encoding,
                   iter_windows, load_meta, prepare)
 from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
 from llama import PRESETS, Llama, LlamaConfig
-from memplan import MemoryTracker
+import memplan
 
 # Planned tensor bytes x this = what a GPU needs. Measured on an H100 (README, "Memory"): the allocated peak was
 # at most 3.4% above the plan (library workspaces, rounding), the allocator's reserved memory 8% above that.
@@ -331,47 +330,43 @@ def plan_memory(args, device_type, fake=True):
     dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device_type == "cuda" else "float32"
     ctx = autocast_context(device, dtype, args.param_dtype)
     cfg = model_config(args)
-    with FakeTensorMode() if fake else nullcontext():
+
+    def build():
         if fake:  # Module.to() cannot move fake parameters: create them on the device
             with torch.device(device):
                 model = build_model(cfg, args.param_dtype)
         else:  # as main() does: built on the CPU, so the GPU never holds the fp32 weights of a bf16 run
             model = build_model(cfg, args.param_dtype).to(device)
         # what torch picks for real tensors (fake ones make it fall back to its for-loop)
-        optimizer = build_optimizer(model, args, verbose=False, foreach=device_type == "cuda")
-        tracker = MemoryTracker(model, optimizer)  # before the per-layer hooks: it must see each grad first
-        # Micro-batch 1 creates the gradients (or, per-layer, the R sums), 2 adds into them, the last updates; any
-        # other is micro-batch 2 again, byte for byte: planned with at most 3, so a 7B plan of 64 takes seconds.
-        micro_batches = min(args.grad_accum, 3)
-        if args.per_layer:
-            attach_per_layer_updates(model, optimizer, micro_batches)
-        model.register_forward_pre_hook(lambda *_: setattr(tracker, "phase", f"{label}: forward"))
-        model.register_forward_hook(lambda *_: setattr(tracker, "phase", f"{label}: backward"))
+        return model, build_optimizer(model, args, verbose=False, foreach=device_type == "cuda")
+
+    # Micro-batch 1 creates the gradients (or, per-layer, the R sums), 2 adds into them, the last updates; any
+    # other is micro-batch 2 again, byte for byte: planned with at most 3, so a 7B plan of 64 takes seconds.
+    micro_batches = min(args.grad_accum, 3)
+    attach = (lambda model, optimizer: attach_per_layer_updates(model, optimizer, micro_batches)) if args.per_layer \
+        else None
+    steps = [(0, "step 1 (states created" + (", projectors computed)" if args.optimizer == "galore"
+                                             and not args.proj_start_steps else ")"))]
+    if args.optimizer == "galore":
+        s = args.proj_start_steps or args.update_proj_gap
+        steps.append((s, f"step {s + 1} (" + ("switch to low rank)" if args.proj_start_steps else "refresh)")))
+        if args.per_layer and micro_batches > 1:  # R sums next to all moments (a refresh frees the old ones)
+            steps.append((s + 1, f"step {s + 2} (accumulating R with the moments in place)"))
+    else:
+        steps.append((1, "step 2"))
+
+    def step(model, optimizer, i):  # train.py's own step (forward_backward, optimizer_step) on random tokens
+        optimizer.steps_taken = steps[i][0]  # GaLoreAdamW's schedule counter (ignored by torch's AdamW)
         next_batch = lambda: tuple(torch.randint(0, cfg.vocab_size, (args.batch_size, args.block_size),
                                                  device=device) for _ in "xy")  # (x, y)
-        steps = [(0, "step 1 (states created" + (", projectors computed)" if args.optimizer == "galore"
-                                                 and not args.proj_start_steps else ")"))]
-        if args.optimizer == "galore":
-            s = args.proj_start_steps or args.update_proj_gap
-            steps.append((s, f"step {s + 1} (" + ("switch to low rank)" if args.proj_start_steps else "refresh)")))
-            if args.per_layer and micro_batches > 1:  # R sums next to all moments (a refresh frees the old ones)
-                steps.append((s + 1, f"step {s + 2} (accumulating R with the moments in place)"))
-        else:
-            steps.append((1, "step 2"))
-        with tracker:
-            for s, label in steps:
-                optimizer.steps_taken = s  # GaLoreAdamW's schedule counter (ignored by torch's AdamW)
-                forward_backward(model, next_batch, micro_batches, ctx)
-                tracker.phase = f"{label}: optimizer step"
-                optimizer_step(model, optimizer, args.grad_clip, args.per_layer, check_finite=False)
-        weights = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-        return dict(size=args.size, optimizer=args.optimizer, rank=args.rank if args.optimizer == "galore" else None,
-                    per_layer=args.per_layer, param_dtype=args.param_dtype, autocast=dtype,
-                    activation_checkpointing=args.activation_checkpointing, batch_size=args.batch_size,
-                    block_size=args.block_size, grad_accum=args.grad_accum, params=model.num_params(),
-                    peak_bytes=tracker.peak, peak_phase=tracker.peak_phase, bytes=tracker.peak_breakdown(),
-                    weight_bytes=weights, state_bytes=optimizer_state_bytes(optimizer), end_bytes=tracker.now,
-                    phase_peaks=dict(tracker.phase_peaks))
+        forward_backward(model, next_batch, micro_batches, ctx)
+        optimizer_step(model, optimizer, args.grad_clip, args.per_layer, check_finite=False)
+
+    planned = memplan.plan(build, step, len(steps), attach, [label for _, label in steps], fake)
+    return dict(size=args.size, optimizer=args.optimizer, rank=args.rank if args.optimizer == "galore" else None,
+                per_layer=args.per_layer, param_dtype=args.param_dtype, autocast=dtype,
+                activation_checkpointing=args.activation_checkpointing, batch_size=args.batch_size,
+                block_size=args.block_size, grad_accum=args.grad_accum, **planned)
 
 
 def gpu_memory_problem(args, device):
@@ -435,14 +430,9 @@ def print_plan(plan):
           + (f" rank {plan['rank']}" if plan["rank"] else "") + f", {plan['param_dtype']} weights"
           + (", per-layer updates" if plan["per_layer"] else "")
           + (", activation checkpointing" if plan["activation_checkpointing"] else "")
-          + f", batch {plan['batch_size']} x {plan['block_size']} tokens")
-    print(f"peak {gb(plan['peak_bytes'])} of tensors, during {plan['peak_phase']}; at that moment:")
-    for category, b in plan["bytes"].items():
-        print(f"  {category:<16} {gb(b)}")
-    print("peak of each phase:")
-    for phase, b in plan["phase_peaks"].items():
-        if phase != "setup":
-            print(f"  {phase:<55} {gb(b)}")
+          + f", batch {plan['batch_size']} x {plan['block_size']} tokens"
+          + (f", {plan['grad_accum']} micro-batches per step" if plan["grad_accum"] > 1 else ""))
+    print(memplan.report(plan))
     print("(tensor bytes only: on a GPU add the CUDA context and allocator overhead, see the README)")
 
 
