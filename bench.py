@@ -15,7 +15,7 @@ exact bytes of weights, gradients held at once and optimizer state (their sum is
 activations come on top).
 
 --quality trains the `cpu` preset (3.25M parameters, 97% of them in the projected matrices) on byte-level
-English text and compares the final validation loss of AdamW and GaLore (section "Quality" of the README):
+English text and compares the final validation loss of AdamW and GaLore (docs/quality.md):
 
     python bench.py --quality                                 # the 17-run sweep, ~58 min on 2 CPU cores
     python bench.py --quality --quality_runs pair             # AdamW lr 1e-3 vs GaLore r=64 lr 1e-2, 7 min
@@ -622,7 +622,7 @@ def print_ratios(runs, alpha):
 
 
 def quality_sweep(args, out):
-    """The sweep of the README's "Quality" section; the JSON is rewritten after every run."""
+    """The sweep of docs/quality.md; the JSON is rewritten after every run."""
     name = "stdlib_docstrings" if args.quality_text == "stdlib" else f"{args.quality_text}_docstrings"
     text = os.path.join("data", f"{name}.txt")
     if msg := folder_problem("data", "the text's folder"):  # it is built in the current folder

@@ -73,7 +73,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         Y = G^T G P^T (n x r)  ->  P = orthonormal basis of Y's columns (QR), as rows      (mirrored if m < n)
     two matmuls and a thin QR instead of an SVD: 12x cheaper at 768 x 768, r = 256, and 28x at 2048 x 5461,
     r = 512, on a CPU. Repeated at every refresh this is the power method, so P follows the gradient's top-r
-    subspace as it drifts; final loss within 0.2% of the exact SVD's (README: "Speed"). "full": the paper's
+    subspace as it drifts; final loss within 0.2% of the exact SVD's (docs/speed.md). "full": the paper's
     exact SVD at every refresh. "randomized": torch.svd_lowrank, 2-5x cheaper, an approximate subspace.
 
     Batched (foreach). step() can run the same algorithm on stacks of same-shaped matrices: one matmul or one

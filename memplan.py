@@ -41,7 +41,7 @@ A category found later is written into the same table entry, so the peak's break
 
 What it counts: tensor bytes, exactly (tested against real tensors: the same peak to the byte on a CPU).
 What it does not: the CUDA context and library workspaces (cuBLAS, cuDNN, NCCL), and the caching allocator's
-rounding and fragmentation. The README gives that margin as measured on a GPU.
+rounding and fragmentation. docs/memory.md gives that margin as measured on a GPU.
 """
 
 from contextlib import nullcontext

@@ -1261,7 +1261,7 @@ def test_one_run_per_out_dir_and_a_stale_lock_is_taken_over(corpus, tmp_path):
 @pytest.mark.slow
 def test_a_log_write_cut_short_leaves_the_previous_log_whole(corpus, tmp_path, monkeypatch):
     # A kill or a second Ctrl-C can land while log.jsonl is being written: the file on disk must then still be
-    # the previous complete one (README, "Reliability"), not half a line.
+    # the previous complete one (docs/running.md), not half a line.
     _, data_dir = corpus
     real_write, writes = train_write_jsonl, []
     def write_jsonl(records, path):
@@ -1303,9 +1303,9 @@ def test_train_bad_flags_one_line_error(corpus, tmp_path, flags, message):
 
 
 def test_defaults_are_the_papers_recipe():
-    # README, "How the defaults were chosen": lr 0.01 (AdamW 1e-3), alpha 0.25, T = 200, 10% warmup, cosine to
+    # docs/quality.md, "How the defaults were chosen": lr 0.01 (AdamW 1e-3), alpha 0.25, T = 200, 10% warmup, cosine to
     # 10% of lr, no weight decay, grad clip 1.0 (off with per-layer updates), reset on, no full-rank warmup,
-    # refreshes by subspace iteration (README, "Speed"), 5000 steps of 8 x 1024 tokens, and the
+    # refreshes by subspace iteration (docs/speed.md), 5000 steps of 8 x 1024 tokens, and the
     # paper's rank per size (ours at 3B and 7B).
     a = get_args([])
     assert (a.size, a.optimizer, a.lr, a.galore_scale, a.update_proj_gap, a.steps, a.batch_size, a.block_size) == \
@@ -2108,7 +2108,7 @@ def test_plan_categories_are_exact_counts():
 
 def test_a_cuda_plan_of_adamw_counts_its_foreach_temporaries():
     # On CUDA torch's AdamW runs its multi-tensor kernels, whose temporaries (sqrt(V) of every weight at once) are a
-    # whole model's worth; fake tensors alone would make it fall back to its for-loop and miss them (README, "Memory").
+    # whole model's worth; fake tensors alone would make it fall back to its for-loop and miss them (docs/memory.md).
     plan = plan_memory(_plan_args("--optimizer", "adamw"), "cuda")
     assert plan["peak_phase"].endswith("optimizer step")
     assert plan["bytes"]["temporaries"] >= plan["bytes"]["gradients"]  # every gradient is held at the step
@@ -2188,7 +2188,7 @@ def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (free["bytes"], 80e9))
     args = _plan_args(*flags, "--no_auto_batch", size="tiny")  # the refusal (the automatic sizing: next test)
     problem = lambda args: gpu_memory_problem(args, "cuda")
-    free["bytes"] = base + 1  # the planned bytes x 1.15 (README, "Memory"), to the byte
+    free["bytes"] = base + 1  # the planned bytes x 1.15 (docs/memory.md), to the byte
     assert problem(args) == ({}, None)
     free["bytes"] = base - 1
     assert problem(args)[0] is None

@@ -39,12 +39,12 @@ from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, o
 from llama import PRESETS, Llama, LlamaConfig
 import memplan
 
-# Planned tensor bytes x this = what a GPU needs. Measured on an H100 (README, "Memory"): the allocated peak was
+# Planned tensor bytes x this = what a GPU needs. Measured on an H100 (docs/memory.md): the allocated peak was
 # at most 3.4% above the plan (library workspaces, rounding), the allocator's reserved memory 8% above that.
 # The CUDA context is not in it: torch.cuda.mem_get_info's free memory already excludes it.
 GPU_OVERHEAD = 1.15
 DEFAULT_RANK = {"tiny": 8, "cpu": 64, "60M": 128, "125M": 256, "350M": 256, "1B": 512,  # the paper's ranks per size
-                "3B": 640, "7B": 512}  # ours (the paper: 7B 1024): see "Memory" in the README
+                "3B": 640, "7B": 512}  # ours (the paper: 7B 1024): see "Default ranks" in docs/memory.md
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -143,7 +143,7 @@ def check_args(args, cfg, world_size):
     return None
 
 
-# What a checkpoint's optimizer state was built with: a resumed run keeps these (README, "Resuming").
+# What a checkpoint's optimizer state was built with: a resumed run keeps these (docs/running.md).
 RESUME_FIXED = ("optimizer", "rank", "update_proj_gap", "galore_scale", "weight_decay", "proj_start_steps",
                 "no_reset", "svd")
 
@@ -433,7 +433,7 @@ def print_plan(plan):
           + f", batch {plan['batch_size']} x {plan['block_size']} tokens"
           + (f", {plan['grad_accum']} micro-batches per step" if plan["grad_accum"] > 1 else ""))
     print(memplan.report(plan))
-    print("(tensor bytes only: on a GPU add the CUDA context and allocator overhead, see the README)")
+    print("(tensor bytes only: on a GPU add the CUDA context and allocator overhead, see docs/memory.md)")
 
 
 @torch.no_grad()
