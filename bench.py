@@ -692,10 +692,12 @@ def quality_sweep(args, out):
         print_ratios(res["runs"], args.alpha)
         return res
     if args.quality_runs == "accum":  # per-layer updates with accumulation against the standard path
-        standard, per_layer = (run("galore", 1e-2, rank=width // 4, accum=4, clip=0.0, per_layer=pl)
-                               for pl in (False, True))
-        print(f"4 micro-batches, no clipping: per-layer / standard final val loss = {per_layer['final_val_loss']:.4f} "
-              f"/ {standard['final_val_loss']:.4f} = {per_layer['final_val_loss'] / standard['final_val_loss']:.4f}")
+        for svd in ("full", "subspace"):  # the refresh on the first micro-batch's G: an exact SVD, or a power step
+            standard, per_layer = (run("galore", 1e-2, rank=width // 4, svd=svd, accum=4, clip=0.0, per_layer=pl)
+                                   for pl in (False, True))
+            print(f"svd {svd}, 4 micro-batches, no clipping: per-layer / standard final val loss = "
+                  f"{per_layer['final_val_loss']:.4f} / {standard['final_val_loss']:.4f} = "
+                  f"{per_layer['final_val_loss'] / standard['final_val_loss']:.4f}")
         return result()
     if args.quality_runs == "refresh":  # the exact SVD against subspace iteration, same lr, T and seed
         for rank, gap in ((width // 4, 200), (width // 4, 50), (width // 2, 200)):
