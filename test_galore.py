@@ -913,6 +913,7 @@ def read_log(out_dir):
     return [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["galore", "adamw"])
 def test_a_disk_that_cannot_take_the_next_checkpoint_stops_the_run_after_its_first_step(corpus, tmp_path,
                                                                                           monkeypatch, optimizer):
@@ -955,6 +956,7 @@ def init(project, id, resume, config, dir):
 """
 
 
+@pytest.mark.slow
 def test_wandb_gets_the_records_of_the_log_and_a_resume_continues_its_run(corpus, tmp_path):
     # A stand-in wandb module (the real one is neither needed nor reached): what it is sent must be log.jsonl's
     # records, and a resumed run must continue the same wandb run id.
@@ -1993,6 +1995,7 @@ def test_quality_long_runs_split_between_processes_share_one_json(tmp_path, monk
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_bench_results_that_cannot_be_written_end_in_one_line(tmp_path, monkeypatch):
     import argparse
     import errno
