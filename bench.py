@@ -618,7 +618,8 @@ def print_ratios(runs, alpha):
     base = min(adamws, key=lambda r: r["final_val_loss"])
     print(f"baseline: {describe(base, alpha)}, final val loss {base['final_val_loss']:.4f}")
     for r in sorted(runs, key=lambda r: r["final_val_loss"]):
-        print(f"{describe(r, alpha):>60} | {r['final_val_loss']:.4f} | / baseline {r['final_val_loss'] / base['final_val_loss']:.4f}")
+        ratio = r["final_val_loss"] / base["final_val_loss"]
+        print(f"{describe(r, alpha):>60} | {r['final_val_loss']:.4f} | / baseline {ratio:.4f}")
 
 
 def quality_sweep(args, out):
@@ -674,8 +675,8 @@ def quality_sweep(args, out):
         runs.append(r)
         write_json(result(), out)
         print(f"{describe(r, args.alpha):>60} | final val loss {r['final_val_loss']:.4f} | "
-              f"state {r['state_bytes'] / 1e6:6.2f} MB | {r['seconds']:.0f} s" + (f" (from {out})" if k in done else ""),
-              flush=True)
+              f"state {r['state_bytes'] / 1e6:6.2f} MB | {r['seconds']:.0f} s"
+              + (f" (from {out})" if k in done else ""), flush=True)
         return r
 
     if args.quality_runs in ("pair", "adamw", "galore"):  # AdamW and GaLore at rank width/4 at their default lrs

@@ -44,9 +44,8 @@ What it does not: the CUDA context and library workspaces (cuBLAS, cuDNN, NCCL),
 rounding and fragmentation. docs/memory.md gives that margin as measured on a GPU.
 """
 
-from contextlib import nullcontext
-
 import weakref
+from contextlib import nullcontext
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
