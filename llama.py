@@ -4,7 +4,7 @@ causal self-attention with F.scaled_dot_product_attention.
 
     from llama import Llama, LlamaConfig, PRESETS
     model = Llama(LlamaConfig(**PRESETS["125M"]))
-    logits, loss = model(idx, targets)        # idx, targets: (B, seq_len) int64; logits None past loss_chunk
+    _, loss = model(idx, targets)             # idx, targets: (B, seq_len) int64; no logits (see loss_chunk)
     logits, _ = model(idx)                    # (B, seq_len, vocab)
 
 Sizes are those of the GaLore paper's Llama runs (arXiv 2403.03507, Table 9) with the GPT-2 vocabulary
@@ -35,7 +35,8 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     activation_checkpointing: bool = False  # recompute each block in backward: less memory, ~1/3 more compute
-    loss_chunk: int = 1024       # tokens per chunk of the output head + loss when targets are given; 0 = all at once
+    loss_chunk: int = 1024       # tokens per chunk of the output head + loss when targets are given; 0 = all at
+                                 # once (and the logits returned with the loss)
 
 
 PRESETS = {
@@ -141,34 +142,43 @@ class ChunkedHeadLoss(torch.autograd.Function):
         need_x, need_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         grad_x = torch.empty_like(x) if need_x else None                                   # (N, C)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None          # (vocab, C)
+        grad_w = None  # (vocab, C), in the weight's dtype, from the first chunk on (see below)
         for i in range(0, len(x), chunk):
             xc, yc = x[i:i + chunk], targets[i:i + chunk]       # (n, C), (n,)
-            logits = F.linear(xc, weight)                       # (n, vocab), bf16 under autocast
-            z = logits.float()
+            z = F.linear(xc, weight)                            # (n, vocab) logits, bf16 under autocast
+            dtype, z = z.dtype, z.float()                       # fp32 for the softmax (the bf16 logits freed)
             lse = torch.logsumexp(z, dim=-1, keepdim=True)      # (n, 1)
             keep = (yc != -100).unsqueeze(1)                    # (n, 1): -100 is F.cross_entropy's ignore_index
             y = yc.clamp(min=0).unsqueeze(1)                    # (n, 1)
             total += ((lse - z.gather(1, y)) * keep).sum()      # cross-entropy: logsumexp - the target's logit
-            if grad_x is None and grad_w is None:
+            if not (need_x or need_w):
                 continue
             # d(sum of the chunk's losses)/d logits = softmax - onehot(target), in place of z: (n, vocab) fp32
-            d = z.sub_(lse).exp_().scatter_add_(1, y, -torch.ones_like(lse)).mul_(keep).to(logits.dtype)
+            d = z.sub_(lse).exp_().scatter_add_(1, y, -torch.ones_like(lse)).mul_(keep).to(dtype)
+            del z  # from here one (n, vocab) tensor at a time: d, then the (vocab, C) product
             if grad_x is not None:
                 grad_x[i:i + chunk] = d @ weight                # (n, vocab) @ (vocab, C) -> (n, C)
-            if grad_w is not None:
-                grad_w += d.mT @ xc                             # (vocab, n) @ (n, C) -> (vocab, C)
+            if need_w:
+                g = d.mT @ xc                                   # (vocab, n) @ (n, C) -> (vocab, C)
+                # The sum in the weight's dtype, started from the first chunk's product: with bf16 weights and one
+                # chunk (batch 1 x 1024) there is no second (vocab, C) tensor at all (206 MB at 1B); with several,
+                # bf16 sums are rounded at each chunk, as close to fp32 as the whole-logits gradient (tested).
+                grad_w = g.to(weight.dtype) if grad_w is None else grad_w.add_(g)
         n = (targets != -100).sum()
-        ctx.save_for_backward(grad_x, grad_w, n)
-        ctx.weight_dtype = weight.dtype
+        # Kept on ctx (they are neither inputs nor outputs) rather than saved: backward scales them in place and
+        # drops them, so no second copy of the head's gradient is ever made.
+        ctx.grads, ctx.n = (grad_x, grad_w), n
         return total / n
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_x, grad_w, n = ctx.saved_tensors
-        scale = grad_loss / n  # the mean's 1/N and whatever scaled the loss after (e.g. 1 / grad_accum)
-        return (None if grad_x is None else grad_x * scale.to(grad_x.dtype),
-                None if grad_w is None else (grad_w * scale).to(ctx.weight_dtype), None, None, None)
+        if ctx.grads is None:
+            raise RuntimeError("ChunkedHeadLoss: a second backward through the same loss (retain_graph=True) is not "
+                               "supported; compute the loss again, or build the model with loss_chunk=0")
+        (grad_x, grad_w), ctx.grads = ctx.grads, None
+        scale = grad_loss / ctx.n  # the mean's 1/N and whatever scaled the loss after (e.g. 1 / grad_accum)
+        return (None if grad_x is None else grad_x.mul_(scale), None if grad_w is None else grad_w.mul_(scale),
+                None, None, None)
 
 
 class Llama(nn.Module):
@@ -211,14 +221,15 @@ class Llama(nn.Module):
                 x = block(x, self.rope_cos, self.rope_sin)
         x = self.norm(x)                                        # (B, T, C)
         chunk = self.config.loss_chunk
-        if targets is None or not chunk or B * T <= chunk:
+        if targets is None or not chunk:
             logits = self.output(x)                             # (B, T, vocab)
             loss = None if targets is None else F.cross_entropy(logits.float().view(-1, logits.size(-1)),
                                                                 targets.reshape(-1))
             return logits, loss
         # The loss in chunks of `chunk` tokens, and no logits returned. The whole (B*T, vocab) logits are the
         # largest tensors of a step (8 x 1024 tokens x 50,304 = 412M numbers, held in bf16, again in fp32 for the
-        # loss and again as their gradient: ~5 GB at 125M). ChunkedHeadLoss holds one chunk's at a time.
+        # loss and again as their gradient: ~5 GB at 125M). ChunkedHeadLoss holds one chunk's at a time, and even
+        # on a single chunk (batch 1 x 1024) it holds one (tokens, vocab) tensor where F.cross_entropy holds three.
         loss = ChunkedHeadLoss.apply(x.reshape(B * T, -1), self.output.weight, targets.reshape(B * T), chunk,
                                      torch.is_grad_enabled())
         return None, loss

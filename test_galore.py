@@ -1669,14 +1669,14 @@ def test_bf16_parameters_train_with_bf16_states():
     x = torch.randint(0, 512, (8, 16), generator=g)
     losses = []
     for _ in range(30):
-        logits, loss = model(x[:, :-1], x[:, 1:])
-        assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32  # loss taken in fp32
+        _, loss = model(x[:, :-1], x[:, 1:])
+        assert loss.dtype == torch.float32  # loss taken in fp32
         losses.append(loss.item())
         loss.backward()
         opt.step()
         opt.zero_grad()
     states = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
-    assert states and all(t.dtype == torch.bfloat16 for t in states)
+    assert states and all(t.dtype == torch.bfloat16 for t in states) and model(x)[0].dtype == torch.bfloat16
     assert model.rope_cos.dtype == torch.float32 and not any("rope" in k for k in model.state_dict())  # not saved
     assert losses[-1] < losses[0] - 1.0
 
@@ -1733,6 +1733,43 @@ def test_chunked_loss_equals_the_whole_logits_loss_and_holds_one_chunk(size):
         (loss / 2).backward()  # a scaled loss (as with --grad_accum 2): backward scales the saved gradients
         err[chunk] = max((p.grad * 2 - g).norm() / g.norm() for p, g in zip(model.parameters(), whole[1]))
     assert err[40] < 1.5 * err[0] and err[0] < 0.05
+    # bf16 weights (--param_dtype bfloat16): the head's gradient is summed over the chunks in bf16, and is as close
+    # to the fp32 gradients (of the same bf16-rounded weights) as the whole-logits path's.
+    torch.manual_seed(0)
+    bf16 = Llama(LlamaConfig(**{**PRESETS[size], "vocab_size": vocab, "loss_chunk": 0})).to(torch.bfloat16)
+    ref = copy.deepcopy(bf16).float()
+    ref(x[:, :-1], y)[1].backward()
+    err = {}
+    for chunk in (0, 40):
+        model = copy.deepcopy(bf16)
+        model.config.loss_chunk = chunk
+        (model(x[:, :-1], y)[1] / 2).backward()
+        err[chunk] = max((p.grad.float() * 2 - q.grad).norm() / q.grad.norm()
+                         for p, q in zip(model.parameters(), ref.parameters()))
+    assert err[40] < 1.5 * err[0] and err[0] < 0.05, err
+    with pytest.raises(RuntimeError, match="second backward through the same loss"):
+        loss = model(x[:, :-1], y)[1]
+        loss.backward(retain_graph=True)
+        loss.backward()
+
+
+def test_the_chunked_loss_saves_memory_even_on_one_chunk():
+    # Batch 1 x 256 tokens, bf16 weights, loss_chunk 256 (one chunk, as 1B/7B at batch 1 x 1024): the chunked path
+    # still runs, and frees the logits as it goes, so the peak (planned on real tensors) is below the whole-logits
+    # path's by more than one fp32 copy of the logits.
+    import memplan
+    vocab, tokens = 8192, 256
+    def peak(chunk):
+        def build():
+            model = Llama(LlamaConfig(**{**PRESETS["cpu"], "vocab_size": vocab, "loss_chunk": chunk}))
+            return model.to(torch.bfloat16), torch.optim.SGD(model.parameters(), lr=0.1)
+        def step(model, optimizer, i):
+            x = torch.randint(0, vocab, (1, tokens + 1), generator=torch.Generator().manual_seed(i))
+            model(x[:, :-1], x[:, 1:])[1].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return memplan.plan(build, step, 2, fake=False)["peak_bytes"]
+    assert peak(tokens) <= peak(0) - tokens * vocab * 4
 
 
 def test_activation_checkpointing_recomputes_each_block_in_backward():
