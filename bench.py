@@ -688,7 +688,7 @@ def quality_sweep(args, out):
     if args.quality_runs == "long":  # issue 22's runs in priority order; --quality_part K/N takes every N-th
         k, n = args.quality_part
         for optimizer, lr, settings in LONG_RUNS[k::n]:
-            run(optimizer, lr, **({"rank": width // 4} if optimizer == "galore" else {}), **settings)
+            run(optimizer, lr, **{**({"rank": width // 4} if optimizer == "galore" else {}), **settings})
         res = result()
         print_ratios(res["runs"], args.alpha)
         return res

@@ -1992,7 +1992,8 @@ def test_quality_long_runs_split_between_processes_share_one_json(tmp_path, monk
     import bench
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(bench, "docstring_text", lambda path, packages=(): open(path, "w").write("Doc text. " * 400))
-    monkeypatch.setattr(bench, "LONG_RUNS", (("adamw", 3e-3, {}), ("galore", 3e-2, {}), ("galore", 1e-2, {"gap": 50})))
+    monkeypatch.setattr(bench, "LONG_RUNS", (("adamw", 3e-3, {}), ("galore", 3e-2, {}), ("galore", 1e-2, {"gap": 50}),
+                                             ("galore", 1e-2, {"rank": 128})))  # a rank of its own
     out, trained = str(tmp_path / "q.json"), []
 
     def fake_run(data_dir, vocab, args, cfg):
