@@ -133,7 +133,8 @@ class ChunkedHeadLoss(torch.autograd.Function):
     """F.cross_entropy(x @ weight^T, targets) (the mean over targets that are not -100), computed `chunk` rows
     at a time, with its gradient computed in the same pass: the (N, vocab) logits never exist at once, and no
     chunk is recomputed in backward (checkpointing each chunk would cost a third head matmul, +10% of a 125M
-    step). The same loss and gradients as the whole-logits path up to summation order (tested). Runs under
+    step). The same loss and gradients as the whole-logits path up to summation order in fp32; with bf16 weights
+    the head's gradient is summed in bf16, as close to fp32 as the whole-logits path's (both tested). Runs under
     autocast like the layers around it: the matmuls in bf16, the softmax in fp32."""
 
     @staticmethod
