@@ -254,9 +254,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         On a refresh step P cannot come from the accumulated G, which is never held: it is computed from the
         first micro-batch's gradient G_1 (svd="subspace": one power step from the previous P on G_1), and every
         micro-batch, the first included, is projected onto it. Its cost, measured at 4 micro-batches: 1.5% in final
-        loss against the standard path, nearly all of it from the first P, taken at init (docs/quality.md). It replaces the old P at once (and the reset
-        frees the old moments then, not at the update): the matrix is marked as refreshed for this step, so that
-        a run interrupted mid-accumulation, saved and resumed repeats the step on this P."""
+        loss against the standard path, nearly all of it from the first P, taken at init (docs/quality.md).
+        P replaces the old P at once (and the reset frees the old moments then, not at the update): the matrix is
+        marked as refreshed for this step, so that a run interrupted mid-accumulation, saved and resumed repeats
+        the step on this P."""
         if p not in self._where:
             raise KeyError("step_param: this tensor is not a parameter of the optimizer")
         g, i = self._where[p]
