@@ -157,7 +157,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             # d(sum of the chunk's losses)/d logits = softmax - onehot(target), in place of z: (n, vocab) fp32
             d = z.sub_(lse).exp_().scatter_add_(1, y, -torch.ones_like(lse)).mul_(keep).to(dtype)
             del z  # from here one (n, vocab) tensor at a time: d, then the (vocab, C) product
-            if grad_x is not None:
+            if need_x:
                 grad_x[i:i + chunk] = d @ weight                # (n, vocab) @ (vocab, C) -> (n, C)
             if need_w:
                 g = d.mT @ xc                                   # (vocab, n) @ (n, C) -> (vocab, C)

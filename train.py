@@ -509,8 +509,8 @@ def save_atomic(obj, path, write=None):
     """Write to a temporary file, then rename it over path (atomic): an interruption or crash mid-write leaves
     the previous file intact, and the temporary one is removed. The temporary name has the pid in it, so two
     processes writing one file (bench.py --quality_part) never mix their bytes. An OS error (torch.save reports
-    a full disk as a
-    RuntimeError from its zip writer) becomes a WriteError naming the file, the reason and what is kept."""
+    a full disk as a RuntimeError from its zip writer) becomes a WriteError naming the file, the reason and what
+    is kept."""
     tmp, write = f"{path}.{os.getpid()}.tmp", write or torch.save
     try:
         write(obj, tmp)
