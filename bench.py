@@ -591,9 +591,10 @@ LONG_RUNS = (
     ("adamw", 3e-3, {}), ("adamw", 3e-4, {}), ("adamw_galore_lrs", 1e-2, {}), ("galore", 3e-2, {}),
     ("galore", 3e-3, {}), ("galore", 1e-2, {"other_scale": 0.1}), ("galore", 1e-2, {"svd": "subspace"}),
     ("galore", 1e-2, {"rank": 128}), ("galore", 1e-2, {"rank": 32}), ("galore", 1e-2, {"gap": 50}),
-    ("galore", 1e-2, {"gap": 500}), ("galore", 1e-2, {"reset": False}), ("galore", 1e-2, {"alpha": 0.5}),
-    ("galore", 1e-2, {"proj_start": 400}), ("adamw", 1e-3, {"seed": 1}), ("galore", 1e-2, {"seed": 1}),
+    ("adamw", 1e-3, {"seed": 1}), ("galore", 1e-2, {"seed": 1}),
     ("adamw_galore_lrs", 3e-3, {}), ("adamw_galore_lrs", 3e-2, {}),
+    ("galore", 1e-2, {"gap": 500}), ("galore", 1e-2, {"proj_start": 400}),
+    ("galore", 1e-2, {"alpha": 0.5}), ("galore", 1e-2, {"reset": False}),
 )
 
 
