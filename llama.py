@@ -138,7 +138,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
     autocast like the layers around it: the matmuls in bf16, the softmax in fp32."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk, grad_enabled):  # x (N, C), weight (vocab, C), targets (N,)
+    def forward(ctx, x, weight, targets, chunk, grad_enabled, handoff=None):  # x (N, C), weight (vocab, C), targets (N)
         # Gradients only for a loss that backward will see (not in an eval under torch.no_grad()).
         need_x, need_w = (grad_enabled and need for need in ctx.needs_input_grad[:2])
         total = torch.zeros((), dtype=torch.float32, device=x.device)
@@ -165,10 +165,11 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 # chunk (batch 1 x 1024) there is no second (vocab, C) tensor at all (206 MB at 1B); with several,
                 # bf16 sums are rounded at each chunk, as close to fp32 as the whole-logits gradient (tested).
                 grad_w = g.to(weight.dtype) if grad_w is None else grad_w.add_(g)
+                del g  # before the next chunk's product: one (vocab, C) tensor next to grad_w, not two
         n = (targets != -100).sum()
         # Kept on ctx (they are neither inputs nor outputs) rather than saved: backward scales them in place and
         # drops them, so no second copy of the head's gradient is ever made.
-        ctx.grads, ctx.n = (grad_x, grad_w), n
+        ctx.grads, ctx.n, ctx.handoff = (grad_x, grad_w), n, handoff
         return total / n
 
     @staticmethod
@@ -178,8 +179,36 @@ class ChunkedHeadLoss(torch.autograd.Function):
                                "supported; compute the loss again, or build the model with loss_chunk=0")
         (grad_x, grad_w), ctx.grads = ctx.grads, None
         scale = grad_loss / ctx.n  # the mean's 1/N and whatever scaled the loss after (e.g. 1 / grad_accum)
-        return (None if grad_x is None else grad_x.mul_(scale), None if grad_w is None else grad_w.mul_(scale),
-                None, None, None)
+        grad_w = None if grad_w is None else grad_w.mul_(scale)
+        if ctx.handoff is not None:  # a tied weight: TiedEmbedding's backward adds to it and returns the sum
+            ctx.handoff["grad_w"], grad_w = grad_w, None
+        return None if grad_x is None else grad_x.mul_(scale), grad_w, None, None, None, None
+
+
+class TiedEmbedding(torch.autograd.Function):
+    """F.embedding(idx, weight) for a weight that is also the output head (tied), with the head's loss computed
+    by ChunkedHeadLoss. Autograd would hold the weight's two gradients until the last node of backward, the
+    lookup, and then add them into a third tensor: three (vocab, C) tensors at the end of backward (3 x 206 MB at
+    1B in bf16, the peak of a per-layer run). Here the head's gradient is handed over (through `handoff`, a dict
+    both calls share) and the lookup's rows are added into it in place: one (vocab, C) gradient at a time."""
+
+    @staticmethod
+    def forward(ctx, idx, weight, handoff):  # idx (B, T) int64, weight (vocab, C) -> (B, T, C)
+        ctx.save_for_backward(idx)
+        ctx.handoff, ctx.weight = handoff, (weight.shape, weight.dtype, weight.device)
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # (B, T, C)
+        (idx,) = ctx.saved_tensors
+        grad_w = ctx.handoff.pop("grad_w", None)  # the head's, scaled; None if the loss did not reach it
+        if grad_w is None:
+            shape, dtype, device = ctx.weight
+            grad_w = torch.zeros(shape, dtype=dtype, device=device)
+        # Row idx[t] += grad_out[t]. (On CUDA index_add_ sums repeated ids in no fixed order, as the embedding's
+        # own backward does not: the last bits of the weight's gradient can change from run to run.)
+        grad_w.index_add_(0, idx.reshape(-1), grad_out.reshape(-1, grad_out.shape[-1]).to(grad_w.dtype))
+        return None, grad_w, None
 
 
 class Llama(nn.Module):
@@ -213,7 +242,11 @@ class Llama(nn.Module):
         if T > self.config.block_size:  # the RoPE tables stop there
             raise ValueError(f"a sequence of {T} tokens is longer than block_size {self.config.block_size}: crop it "
                              "(generate() does) or build the model with a larger block_size")
-        x = self.tok_emb(idx)                                   # (B, T, C)
+        chunk = self.config.loss_chunk
+        # The chunked loss of a tied head hands its gradient to the lookup (TiedEmbedding): one copy fewer.
+        handoff = {} if (targets is not None and chunk and torch.is_grad_enabled()
+                         and self.output.weight is self.tok_emb.weight) else None
+        x = self.tok_emb(idx) if handoff is None else TiedEmbedding.apply(idx, self.tok_emb.weight, handoff)  # (B,T,C)
         for block in self.layers:
             if self.config.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only the block's input; its activations are recomputed during backward.
@@ -221,7 +254,6 @@ class Llama(nn.Module):
             else:
                 x = block(x, self.rope_cos, self.rope_sin)
         x = self.norm(x)                                        # (B, T, C)
-        chunk = self.config.loss_chunk
         if targets is None or not chunk:
             logits = self.output(x)                             # (B, T, vocab)
             loss = None if targets is None else F.cross_entropy(logits.float().view(-1, logits.size(-1)),
@@ -232,7 +264,7 @@ class Llama(nn.Module):
         # loss and again as their gradient: ~5 GB at 125M). ChunkedHeadLoss holds one chunk's at a time, and even
         # on a single chunk (batch 1 x 1024) it holds one (tokens, vocab) tensor where F.cross_entropy holds three.
         loss = ChunkedHeadLoss.apply(x.reshape(B * T, -1), self.output.weight, targets.reshape(B * T), chunk,
-                                     torch.is_grad_enabled())
+                                     torch.is_grad_enabled(), handoff)
         return None, loss
 
     @torch.no_grad()

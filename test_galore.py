@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import weakref
 from contextlib import nullcontext
 
 import numpy as np
@@ -1770,6 +1771,41 @@ def test_the_chunked_loss_saves_memory_even_on_one_chunk():
             optimizer.zero_grad(set_to_none=True)
         return memplan.plan(build, step, 2, fake=False)["peak_bytes"]
     assert peak(tokens) <= peak(0) - tokens * vocab * 4
+
+
+def test_a_tied_weight_has_one_gradient_in_flight_in_backward():
+    # The chunked loss hands the head's gradient to the input lookup, which adds its rows in place (TiedEmbedding):
+    # in a second micro-batch's backward no new (vocab, C) tensor is made at all. Autograd alone would hold the
+    # head's, the lookup's and their sum: three, next to .grad.
+    from torch.utils._python_dispatch import TorchDispatchMode
+    vocab, C = 4096, PRESETS["tiny"]["dim"]
+    model = Llama(LlamaConfig(**{**PRESETS["tiny"], "vocab_size": vocab, "loss_chunk": 48}))  # chunks 48, 48, 32
+    x = torch.randint(0, vocab, (2, 65), generator=torch.Generator().manual_seed(0))
+    model(x[:, :-1], x[:, 1:])[1].backward()  # micro-batch 1: .grad exists from here on
+    W = model.tok_emb.weight
+    old = {W.untyped_storage().data_ptr(), W.grad.untyped_storage().data_ptr()}
+    live, peak = set(), [0]  # storages of new (vocab, C) tensors made under the mode below, and their most at once
+
+    class CountVocabByC(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in torch.utils._pytree.tree_leaves(out):
+                key = isinstance(t, torch.Tensor) and t.shape == (vocab, C) and t.untyped_storage().data_ptr()
+                if key and key not in live | old:  # (an in-place op returns a storage already counted)
+                    live.add(key)
+                    weakref.finalize(t.untyped_storage(), live.discard, key)
+                    peak[0] = max(peak[0], len(live))
+            return out
+
+    grad = W.grad.clone()
+    with CountVocabByC():
+        loss = model(x[:, :-1], x[:, 1:])[1]  # micro-batch 2: the head's gradient, summed over the chunks
+    assert peak[0] == 2  # the sum and one chunk's product
+    peak[0] = 0
+    with CountVocabByC():
+        loss.backward()
+    assert peak[0] == 0  # the lookup's rows added in place, and that into .grad
+    torch.testing.assert_close(W.grad, 2 * grad)  # the same gradient
 
 
 def test_activation_checkpointing_recomputes_each_block_in_backward():
