@@ -243,8 +243,9 @@ class Llama(nn.Module):
             raise ValueError(f"a sequence of {T} tokens is longer than block_size {self.config.block_size}: crop it "
                              "(generate() does) or build the model with a larger block_size")
         chunk = self.config.loss_chunk
-        # The chunked loss of a tied head hands its gradient to the lookup (TiedEmbedding): one copy fewer.
-        handoff = {} if (targets is not None and chunk and torch.is_grad_enabled()
+        # The chunked loss of a tied head hands its gradient to the lookup (TiedEmbedding): two copies fewer. Not
+        # under torch.compile, which traces both backwards without the dict that passes the gradient between them.
+        handoff = {} if (targets is not None and chunk and torch.is_grad_enabled() and not torch.compiler.is_compiling()
                          and self.output.weight is self.tok_emb.weight) else None
         x = self.tok_emb(idx) if handoff is None else TiedEmbedding.apply(idx, self.tok_emb.weight, handoff)  # (B,T,C)
         for block in self.layers:

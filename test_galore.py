@@ -1808,6 +1808,18 @@ def test_a_tied_weight_has_one_gradient_in_flight_in_backward():
     torch.testing.assert_close(W.grad, 2 * grad)  # the same gradient
 
 
+@pytest.mark.slow
+def test_compiled_model_gives_the_eager_gradients():
+    # train.py --compile: under torch.compile the tied weight's gradient takes autograd's own path (TiedEmbedding's
+    # hand-over is not traced), and every gradient is the eager model's.
+    eager, compiled = _small_model(loss_chunk=12), _small_model(loss_chunk=12)  # 2 x 16 tokens: chunks 12, 12, 8
+    x = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    for model in (eager, torch.compile(compiled, backend="aot_eager")):  # the tracing, without the C++ build
+        model(x[:, :-1], x[:, 1:])[1].backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_activation_checkpointing_recomputes_each_block_in_backward():
     calls = []
     for ckpt in (False, True):
