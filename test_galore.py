@@ -1597,14 +1597,71 @@ def test_per_layer_accumulation_takes_P_from_the_first_micro_batch_and_a_cut_sho
     opt.zero_grad(set_to_none=True)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
     assert same_state(copy_state(opt), copy_state(opt_r)) and "refreshed_at" not in str(opt.state_dict())
-    opt.step()
+
+
+def test_per_layer_accumulation_takes_the_next_P_from_every_micro_batch_of_the_refresh_step():
+    # On a refresh step only G_1 exists when P is needed; meanwhile each micro-batch adds G_i^T (R_<i + R_<=i)
+    # into Y (mirrored for a wide matrix), R_<i the sum of the R_j before it. Over the step that is
+    # Y = (sum_i G_i^T G_i + 2 sum_j<i G_i^T G_j) P^T: the terms of G^T G P^T, the power step on the whole
+    # accumulated G, each cross pair once. P_next = orth(Y) replaces P at the next step, and the moments (one step
+    # old: the refresh reset them) are projected onto it.
+    model = _small_model()
+    opt = GaLoreAdamW(galore_param_groups(model, rank=4, update_proj_gap=100, verbose=False), lr=1e-2)
+    attach_per_layer_updates(model, opt, micro_batches=4)
+    names, matrices = opt.param_groups[1]["param_names"], opt.param_groups[1]["params"]
+    untouched = _small_model()
+    untouched.load_state_dict(model.state_dict())
+    G = {n: [] for n in names}  # each micro-batch's gradient of each matrix, on an untouched copy
+    for x, y in _micro_batches(0):
+        untouched.zero_grad(set_to_none=True)
+        (untouched(x, y)[1] / 4).backward()
+        for n, q in untouched.named_parameters():
+            if n in G:
+                G[n].append(q.grad.clone())
+    _accumulate(model, opt, _micro_batches(0))  # s = 0: the first P, from G_1
+    P_next, moments = {}, {}
+    for n, p in zip(names, matrices):
+        P = opt.projector(G[n][0], 4)
+        assert torch.equal(opt.state[p]["P"], P)
+        right = p.shape[0] >= p.shape[1]  # both sides are here: (32, 32), (64, 32) and (32, 64)
+        A = [g.double() if right else g.double().mT for g in G[n]]  # P's directions are A's right vectors
+        cross = sum(A[i].mT @ A[j] * (1 if i == j else 2) for i in range(4) for j in range(i + 1))
+        Q = opt.orthonormal(cross @ (P.double().mT if right else P.double()))
+        torch.testing.assert_close(opt.state[p]["P_next"].double(), Q.mT if right else Q, rtol=0, atol=1e-5)
+        assert (opt.state[p]["P_next"] - P).abs().max() > 1e-2, n  # all the tokens moved it
+        P_next[p] = opt.state[p]["P_next"].clone()
+        # The moments at the switch: this step's R (of the whole G, on P) projected onto P_next
+        R = sum(G[n]) @ P.mT @ P @ P_next[p].mT if right else P_next[p].mT @ P @ P.mT @ sum(G[n])
+        moments[p] = 0.1 * R, 0.001 * R * R  # (1 - beta1) R', (1 - beta2) R'^2
+    # A checkpoint between the two steps holds P_next (a tensor: weights_only loads it) and resumes exactly.
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    resumed = _small_model()
+    resumed.load_state_dict(ckpt["model"])
+    opt_r = GaLoreAdamW(galore_param_groups(resumed, rank=4, update_proj_gap=100, verbose=False), lr=1e-2)
+    opt_r.load_state_dict(ckpt["optimizer"])
+    attach_per_layer_updates(resumed, opt_r, micro_batches=4)
+    x, y = _micro_batches(1)[0]
+    (model(x, y)[1] / 4).backward()  # s = 1, the first micro-batch: P_next is P now, the moments moved onto it
+    for p in matrices:
+        st = opt.state[p]
+        assert "P_next" not in st and torch.equal(st["P"], P_next[p]) and st["step"] == 1
+        torch.testing.assert_close(st["exp_avg"], moments[p][0], rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(st["exp_avg_sq"], moments[p][1], rtol=1e-4, atol=1e-12)
+    _accumulate(model, opt, _micro_batches(1)[1:], of=4)
+    _accumulate(resumed, opt_r, _micro_batches(1))
+    assert all(opt.state[p]["step"] == 2 for p in matrices)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+    assert same_state(copy_state(opt), copy_state(opt_r))
     # A parameter that got fewer gradients than micro_batches is updated by step(); zero_grad() forgets an
     # accumulation instead.
     weights = [p.detach().clone() for p in model.parameters()]
-    _accumulate(model, opt, _micro_batches(3)[:2], of=4)  # 2 of 4, then step() and zero_grad()
+    _accumulate(model, opt, _micro_batches(2)[:2], of=4)  # 2 of 4, then step() and zero_grad()
     assert all(not torch.equal(p, w) for p, w in zip(model.parameters(), weights))
     weights, state = [p.detach().clone() for p in model.parameters()], copy_state(opt)
-    _accumulate(model, opt, _micro_batches(4)[:2], step=False, of=4)
+    _accumulate(model, opt, _micro_batches(3)[:2], step=False, of=4)
     opt.zero_grad(set_to_none=True)
     opt.step()
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)) and same_state(copy_state(opt), state)
