@@ -259,8 +259,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
           * for this step, from the first micro-batch's gradient G_1 (svd="subspace": one power step from the
             previous P on G_1), and every micro-batch, the first included, is projected onto it;
           * for the steps after, from all of them: each micro-batch also adds G_i^T (R_<i + R_<=i) into Y (n, r),
-            R_<i the sum before it. Over the step Y = (sum_i G_i^T G_i + 2 sum_j<i G_i^T G_j) P^T, each term of
-            G^T G P^T, the power step on the accumulated G (cross pairs counted once each way), in one pass.
+            R_<i the sum before it (mirrored, (m, r), for a wide matrix). Over the step Y = (sum_i G_i^T G_i +
+            2 sum_j<i G_i^T G_j) P^T: each term of G^T G P^T, the power step on the accumulated G, in one pass.
             P_next = orth(Y) takes over at the next step, with the moments projected onto it (_take_P_next).
         Measured at 4 micro-batches against the standard path: 0.27% in final loss; P from G_1 alone cost 1.5%
         (docs/quality.md). P replaces the old P at once (and the reset frees the old moments then, not at the
@@ -289,7 +289,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     @staticmethod
     def _sketch_term(G, S):
         # right (m >= n): G^T S (n, r) with S (m, r);  left: G S^T (m, r) with S (r, n). In fp32, as the SVD. Y is
-        # P's size; the refresh step holds it where the moments it reset were (the 7B plan does not grow).
+        # P's size; the refresh step holds it where the moments its reset freed were (the 7B plan does not grow).
         return G.float().mT @ S.float() if G.shape[-2] >= G.shape[-1] else G.float() @ S.float().mT
 
     def _finish(self, p, group, i):
