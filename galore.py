@@ -298,7 +298,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if Y is not None:  # the subspace refresh's QR and sign rule, on the power step of the whole step's G
             Q = self.orthonormal(Y)
             self.state[p]["P_next"] = (Q.mT if p.shape[-2] >= p.shape[-1] else Q).to(p.dtype, copy=True)
-        self._update(p, self.param_groups[self._where[p][0]], i, self._pending.pop(p, None))
+        self._update(p, group, i, self._pending.pop(p, None))
         p.grad = None
 
     def zero_grad(self, set_to_none=True):
@@ -316,8 +316,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return p.grad
 
     def _refresh_due(self, state, group):
-        """(refresh P at this step, reset the moments with it) for a projected matrix with this state."""
-        if "P_next" in state:  # per-layer accumulation: the P of the last step's micro-batches (step_param)
+        """(refresh P at this step, reset the moments with it) for a projected matrix with this state. A P_next
+        waiting from the last step (per-layer accumulation, step_param) is put in place first: the new step's P."""
+        if "P_next" in state:
             self._take_P_next(state, group)
         if state.get("refreshed_at") == self.steps_taken:  # already refreshed in this step (see _project)
             return False, False
