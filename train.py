@@ -895,7 +895,8 @@ def main(argv=None):
         if master:
             print("\n" + msg, flush=True)
         sys.exit(128 + ctrl_c.signum)
-    if ddp:
+    if ddp:  # together: a rank that tears gloo down while rank 0 still evaluates can abort at exit (SIGABRT)
+        dist.barrier()
         dist.destroy_process_group()
 
 
