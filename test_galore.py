@@ -1289,6 +1289,26 @@ def test_a_log_write_cut_short_leaves_the_previous_log_whole(corpus, tmp_path, m
 
 
 @pytest.mark.slow
+def test_a_run_without_its_tokenizer_files_skips_only_the_closing_sample(corpus, tmp_path, monkeypatch, capsys):
+    # Data tokenized on another machine, and here tiktoken's files cannot be downloaded: the run trains and saves
+    # as usual, and its closing sample (the one thing that needs the tokenizer) is skipped with the reason.
+    _, data_dir = corpus
+    def get_encoding(name):
+        raise DataError(f"could not load the tiktoken encoding {name!r} (ConnectionError): set TIKTOKEN_CACHE_DIR")
+    monkeypatch.setattr("train.get_encoding", get_encoding)
+    before = {s: signal.getsignal(s) for s in CtrlC.SIGNALS}
+    try:
+        train_main([*TINY, "--steps", "2", "--eval_interval", "2", "--data_dir", data_dir, "--out_dir", str(tmp_path)])
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+    out = capsys.readouterr().out
+    assert "sample skipped: could not load the tiktoken encoding" in out and "(ConnectionError)" in out
+    assert "done: tiny galore, 2 steps" in out
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--size", "2B"], "invalid choice: '2B'"),
     (["--rank", "64"], "--rank 64 must be between 1 and the model width 64"),

@@ -872,8 +872,11 @@ def main(argv=None):
             with ctrl_c.wait():
                 write_log({"step": args.steps, "final_val_loss": val, "final_val_ppl": perplexity(val)})
                 checkpoint(args.steps, rng)  # again, so that the log it holds has the final figure too
-            print("sample:", sample_text(raw_model, get_encoding(args.tokenizer), args.sample_tokens, args.device,
-                                         ctx, args.seed))
+            try:  # data tokenized on another machine: this one may lack the tokenizer's files, and the run is done
+                print("sample:", sample_text(raw_model, get_encoding(args.tokenizer), args.sample_tokens, args.device,
+                                             ctx, args.seed))
+            except DataError as e:
+                print(f"sample skipped: {e}")
             peak = f", peak mem {peak_gb():.2f} GB" if device_type == "cuda" else ""
             print(f"done: {args.size} {args.optimizer}, {args.steps} steps, {args.steps * tokens_per_step:,} tokens | "
                   f"val loss (whole split) {val:.4f}, perplexity {perplexity(val):.2f} | opt state "
