@@ -592,11 +592,10 @@ LONG_RUNS = (
     ("galore", 3e-3, {}), ("galore", 1e-2, {"other_scale": 0.1}), ("galore", 1e-2, {"svd": "subspace"}),
     ("galore", 1e-2, {"rank": 128}), ("galore", 1e-2, {"rank": 32}), ("galore", 1e-2, {"gap": 50}),
     ("adamw", 1e-3, {"seed": 1}), ("galore", 1e-2, {"seed": 1}),
-    ("adamw_galore_lrs", 3e-3, {}), ("adamw_galore_lrs", 3e-2, {}),
+    ("adamw_galore_lrs", 3e-3, {}), ("adamw_galore_lrs", 1e-3, {}),  # the control's bracket below its 1e-2
+    ("galore", 1e-2, {"alpha": 0.5}), ("galore", 1e-2, {"reset": False}),
     ("galore", 1e-2, {"gap": 500}), ("galore", 1e-2, {"proj_start": 400}),
-    ("galore", 1e-2, {"alpha": 0.5}),
-    ("adamw_galore_lrs", 1e-3, {}),  # the control's best, 3e-3, was at the low end of its grid
-    ("galore", 1e-2, {"reset": False}),
+    ("adamw_galore_lrs", 3e-2, {}),
 )
 
 
@@ -671,8 +670,8 @@ def quality_sweep(args, out):
     result = lambda: dict(header, runs=runs + [r for k, r in {**done, **saved()}.items()
                                                if k not in map(key, runs)])
 
-    def run(optimizer, lr, **settings):
-        cfg = run_config(optimizer, lr, args.alpha, **settings)
+    def run(optimizer, lr, alpha=None, **settings):  # alpha: args.alpha unless the run names its own
+        cfg = run_config(optimizer, lr, args.alpha if alpha is None else alpha, **settings)
         k = tuple(cfg.values())
         r = done.get(k) or quality_run(data_dir, vocab, args, cfg)
         runs.append(r)

@@ -2135,11 +2135,12 @@ def test_quality_long_runs_split_between_processes_share_one_json(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(bench, "docstring_text", lambda path, packages=(): open(path, "w").write("Doc text. " * 400))
     monkeypatch.setattr(bench, "LONG_RUNS", (("adamw", 3e-3, {}), ("galore", 3e-2, {}), ("galore", 1e-2, {"gap": 50}),
-                                             ("galore", 1e-2, {"rank": 128})))  # a rank of its own
+                                             ("galore", 1e-2, {"rank": 128}),  # a rank of its own
+                                             ("galore", 1e-2, {"alpha": 0.5})))  # an alpha of its own
     out, trained = str(tmp_path / "q.json"), []
 
     def fake_run(data_dir, vocab, args, cfg):
-        trained.append((cfg["optimizer"], cfg["lr"], cfg["gap"]))
+        trained.append((cfg["optimizer"], cfg["lr"], cfg["gap"], cfg["alpha"]))
         if cfg["gap"] == 50:  # meanwhile the other process finished its run and wrote it
             other = json.load(open(out))
             other["runs"].append(dict(bench.run_config("galore", 1e-2, 0.25, rank=128), final_val_loss=1.5, curve=[],
@@ -2160,9 +2161,9 @@ def test_quality_long_runs_split_between_processes_share_one_json(tmp_path, monk
     bench.write_json(q, out)
     trained.clear()
     bench.quality_sweep(args, out)
-    assert trained == [("galore", 1e-2, 50)]  # adamw 3e-3 came from the file
+    assert trained == [("galore", 1e-2, 50, 0.25), ("galore", 1e-2, 200, 0.5)]  # adamw 3e-3 came from the file
     runs = json.load(open(out))["runs"]
-    assert len(runs) == 4 and runs[0] == old[0] and old[1] in runs and [r.get("by") for r in runs].count("other") == 1
+    assert len(runs) == 5 and runs[0] == old[0] and old[1] in runs and [r.get("by") for r in runs].count("other") == 1
     args.quality_part = (1, 2)
     trained.clear()
     bench.quality_sweep(args, out)
