@@ -63,7 +63,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
     coordinates. We keep the paper's rule because its results were measured with it; the other is unmeasured.
 
     Schedule. One optimizer-level counter, s = number of steps already taken, decides for every matrix:
-      * s < proj_start_steps: full-rank warmup, every parameter is plain AdamW (full-size moments);
+      * s < proj_start_steps: full-rank warmup, every parameter is plain AdamW (full-size moments), a matrix
+        the group will project at lr x alpha: the step size it gets after the switch (at GaLore's lr, 10x
+        AdamW's, plain lr on the matrices made the loss rise during a 400-step warmup; docs/quality.md);
       * s == proj_start_steps: the switch. Full-rank moments are freed, P is computed, low-rank moments start;
       * s == proj_start_steps + j * T (T = update_proj_gap): refresh P for all projected matrices at once.
     A matrix with r >= min(m, n) cannot be compressed and is trained full rank, like an unprojected one.
@@ -215,6 +217,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def project_back(N, P, shape):
         # right: (m, r) @ (r, n) -> (m, n);   left: (m, r) @ (r, n) -> (m, n)
         return N @ P if shape[-2] >= shape[-1] else P @ N
+
+    @staticmethod
+    def alpha(p, group):
+        """The scale of p's update: the group's alpha for a matrix it compresses (from the first step on, so the
+        full-rank warmup steps it at lr x alpha too), 1 for every other tensor."""
+        return group["scale"] if "rank" in group and group["rank"] < min(p.shape) else 1.0
 
     def is_projected(self, p, group):
         """Whether p is trained in a low-rank subspace at the current step (not during warmup, not if r >= min(m,n))."""
@@ -375,7 +383,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         state = self.state[p]
         state.pop("refreshed_at", None)
         projected = self.is_projected(p, group)
-        alpha = group["scale"] if projected else 1.0  # unprojected: no scale
+        alpha = self.alpha(p, group)  # 1 for a tensor the group never projects
 
         if "step" not in state:
             state["step"] = 0                                                   # k, the moments' age
@@ -398,7 +406,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             # Alg. 1: G~_t = alpha P_t N_t; W_t = W_t-1 + eta G~_t (the paper's G_t is the negative gradient)
             p.add_(self.project_back(N, state["P"], p.shape), alpha=-lr * alpha)
         else:
-            p.addcdiv_(M, denom, value=-lr / bias_correction1)  # plain AdamW, the same numbers as torch's
+            p.addcdiv_(M, denom, value=-lr * alpha / bias_correction1)  # plain AdamW at lr x alpha, as torch's
 
     # -- the batched step: _update's lines, once per stack of same-shaped matrices ---------------------------
     # On a GPU every tensor operation is a kernel launch of 5-10 us, and _update makes 11 per matrix: 1,106
@@ -410,7 +418,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     max_stack_numel = 2 ** 26  # a stack's G and update are temporaries: at most 64M numbers (256 MB in fp32)
 
     def _batched_update(self, group):
-        buckets = {}  # (projected, refresh, has P, k, shape, dtype, device) -> [params]
+        buckets = {}  # (projected, refresh, has P, k, shape, alpha, dtype, device) -> [params]
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -418,18 +426,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
             state, projected = self.state[p], self.is_projected(p, group)
             refresh, reset = self._refresh_due(state, group) if projected else (False, False)
             k = 0 if reset else state.get("step", 0)  # the moments' age once this step's reset is done
-            key = (projected, refresh, "P" in state, k, tuple(p.shape) if projected else None, p.dtype, p.device)
+            key = (projected, refresh, "P" in state, k, tuple(p.shape) if projected else None,
+                   self.alpha(p, group), p.dtype, p.device)  # (a warmup's matrices are at alpha, the rest at 1)
             buckets.setdefault(key, []).append(p)
-        for (projected, refresh, has_P, k, shape, _, _), params in buckets.items():
+        for (projected, refresh, has_P, k, shape, alpha, _, _), params in buckets.items():
             # Unprojected tensors are never stacked (foreach takes any shapes), so they go in one call, as in
             # torch.optim.AdamW(foreach=True); matrices in stacks of at most max_stack_numel numbers, as even as
             # possible (24 matrices that fit 20 at a time go 12 + 12, not 20 + 4).
             per_stack = len(params) if not projected else max(1, self.max_stack_numel // math.prod(shape))
             per_stack = math.ceil(len(params) / math.ceil(len(params) / per_stack))
             for j in range(0, len(params), per_stack):
-                self._update_stack(params[j:j + per_stack], group, projected, refresh, has_P, k)
+                self._update_stack(params[j:j + per_stack], group, projected, refresh, has_P, k, alpha)
 
-    def _update_stack(self, params, group, projected, refresh, has_P, k):
+    def _update_stack(self, params, group, projected, refresh, has_P, k, alpha):
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         states = [self.state[p] for p in params]
         if projected:
@@ -471,9 +480,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             N = torch._foreach_div(M, denom)                     # N = M / denom / bias_correction1
             torch._foreach_div_(N, bias_correction1)
             update = self.project_back(torch.stack(N), P, params[0].shape)  # (L, m, n)
-            torch._foreach_add_(params, list(update), alpha=-lr * group["scale"])
+            torch._foreach_add_(params, list(update), alpha=-lr * alpha)
         else:
-            torch._foreach_addcdiv_(params, M, denom, value=-lr / bias_correction1)
+            torch._foreach_addcdiv_(params, M, denom, value=-lr * alpha / bias_correction1)
 
 
 def _name(group, i):

@@ -86,11 +86,15 @@ def test_no_rank_group_matches_torch_adamw(weight_decay):
 
 
 def test_full_rank_warmup_matches_adamw_then_switches_to_low_rank():
-    shapes = [(16, 12), (12, 16)]
-    ours, ref = make_params(shapes), make_params(shapes)
-    opt = GaLoreAdamW([{"params": ours, "rank": 4, "update_proj_gap": 3}], lr=1e-2, weight_decay=0.05,
-                      proj_start_steps=5)
-    opt_ref = torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.05)
+    # Warmup steps are AdamW at lr x alpha on the matrices (the step size they get after the switch), with the
+    # decay at lr x wd as after it: torch's AdamW at lr x 0.25 and wd / 0.25, exact since 0.25 is a power of 2.
+    # A matrix the group can never compress (r >= min(m, n)) and an unprojected group take plain lr.
+    shapes = [(16, 12), (12, 16), (4, 3)]
+    ours, ref = make_params(shapes + [(7,)]), make_params(shapes + [(7,)])
+    opt = GaLoreAdamW([{"params": ours[:3], "rank": 4, "update_proj_gap": 3, "scale": 0.25},
+                       {"params": ours[3:]}], lr=1e-2, weight_decay=0.05, proj_start_steps=5)
+    opt_ref = torch.optim.AdamW([{"params": ref[:2], "lr": 1e-2 * 0.25, "weight_decay": 0.05 / 0.25},
+                                 {"params": ref[2:]}], lr=1e-2, weight_decay=0.05)
     for step in range(5):
         set_grads(ours, step), set_grads(ref, step)
         opt.step(), opt_ref.step()
@@ -101,7 +105,8 @@ def test_full_rank_warmup_matches_adamw_then_switches_to_low_rank():
     set_grads(ours, 5)
     opt.step()  # the switch: full-rank moments freed, low-rank ones (and P) created
     assert opt.state[ours[0]]["exp_avg"].shape == (16, 4) and opt.state[ours[1]]["exp_avg"].shape == (4, 16)
-    assert optimizer_state_bytes(opt) == 4 * (2 * (16 * 4 + 4 * 16) + 12 * 4 + 12 * 4)  # M, V and P
+    assert optimizer_state_bytes(opt) == 4 * (2 * (16 * 4 + 4 * 16) + 12 * 4 + 12 * 4  # M, V and P
+                                              + 2 * (4 * 3 + 7))  # the full-rank tensors' M and V
     assert optimizer_state_bytes(opt) < full_bytes
 
 

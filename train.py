@@ -68,7 +68,7 @@ def get_args(argv=None):
     a("--block_size", type=int, default=1024, help="tokens per sequence")
     a("--rank", type=int, default=None, help="GaLore rank r (default: the paper's for the size)")
     a("--update_proj_gap", type=int, default=200, help="GaLore T: steps between projector refreshes")
-    a("--proj_start_steps", type=int, default=0, help="full-rank AdamW steps before GaLore starts")
+    a("--proj_start_steps", type=int, default=0, help="full-rank steps (matrices at lr x alpha) before GaLore")
     a("--galore_scale", type=float, default=0.25, help="GaLore alpha, scale of the projected update")
     a("--no_reset", action="store_true", help="keep the moments at a refresh (official GaLore behaviour)")
     a("--svd", default="subspace", choices=["full", "randomized", "subspace"],
