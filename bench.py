@@ -587,7 +587,8 @@ def tune(run, lrs):
 # The long-horizon runs (--quality_runs long), in the order they were wanted (a sweep skips what its JSON holds):
 # the lr brackets of AdamW, the per-group control and GaLore at rank width/4, one change at a time from GaLore's
 # defaults (lr 1e-2, T 200, reset, exact SVD, alpha 0.25, no warmup, unprojected tensors at lr), a second seed of
-# the pair, the control's bracket below its 1e-2, the rest of the changes, the baseline's second seed.
+# the pair, the control's bracket below its 1e-2, the rest of the changes, the baseline's second seed, and rank 96
+# between the two ranks that bracket the baseline (64 behind it, 128 ahead).
 LONG_RUNS = (
     ("adamw", 3e-3, {}), ("adamw", 3e-4, {}), ("adamw_galore_lrs", 1e-2, {}), ("galore", 3e-2, {}),
     ("galore", 3e-3, {}), ("galore", 1e-2, {"other_scale": 0.1}), ("galore", 1e-2, {"svd": "subspace"}),
@@ -596,8 +597,8 @@ LONG_RUNS = (
     ("adamw_galore_lrs", 3e-3, {}), ("adamw_galore_lrs", 1e-3, {}),  # the control's bracket below its 1e-2
     ("galore", 1e-2, {"alpha": 0.5}), ("galore", 1e-2, {"reset": False}),
     ("galore", 1e-2, {"gap": 500}), ("galore", 1e-2, {"proj_start": 400}),
-    ("adamw_galore_lrs", 3e-2, {}),
     ("adamw_galore_lrs", 3e-3, {"seed": 1}),  # the baseline's own seed noise
+    ("galore", 1e-2, {"rank": 96}),
 )
 
 
