@@ -219,15 +219,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return N @ P if shape[-2] >= shape[-1] else P @ N
 
     @staticmethod
-    def alpha(p, group):
-        """The scale of p's update: the group's alpha for a matrix it compresses (from the first step on, so the
-        full-rank warmup steps it at lr x alpha too), 1 for every other tensor."""
-        return group["scale"] if "rank" in group and group["rank"] < min(p.shape) else 1.0
+    def compresses(p, group):
+        """Whether p's group projects it once warmup is over (not if r >= min(m, n))."""
+        return "rank" in group and group["rank"] < min(p.shape)
+
+    def alpha(self, p, group):
+        """The scale of p's update: alpha for a matrix its group compresses, during the full-rank warmup too."""
+        return group["scale"] if self.compresses(p, group) else 1.0
 
     def is_projected(self, p, group):
         """Whether p is trained in a low-rank subspace at the current step (not during warmup, not if r >= min(m,n))."""
-        return ("rank" in group and self.steps_taken >= self.proj_start_steps
-                and group["rank"] < min(p.shape))
+        return self.steps_taken >= self.proj_start_steps and self.compresses(p, group)
 
     # -- the update ----------------------------------------------------------------------------------------
     @torch.no_grad()
