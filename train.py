@@ -425,7 +425,6 @@ def gpu_memory_problem(args, device):
 
 
 def print_plan(plan):
-    gb = lambda b: f"{b / 1e9:6.2f} GB"
     print(f"memory plan: {plan['size']} ({plan['params']:,} parameters), {plan['optimizer']}"
           + (f" rank {plan['rank']}" if plan["rank"] else "") + f", {plan['param_dtype']} weights"
           + (", per-layer updates" if plan["per_layer"] else "")
