@@ -2242,6 +2242,16 @@ def _plan_args(*flags, size="cpu"):
                      "--batch_size", "2", "--block_size", "32", *flags])
 
 
+
+def test_first_fit_takes_the_first_candidate_that_fits_and_skips_the_ones_that_cannot_be_made():
+    import memplan
+    plans = {"a": dict(peak_bytes=100), "b": None, "c": dict(peak_bytes=80), "d": dict(peak_bytes=10)}
+    fit = lambda free: memplan.first_fit("abcd", plans.get, free)
+    a = 100 * memplan.GPU_OVERHEAD
+    assert fit(a) == ("a", a)  # exactly what it needs: fits
+    assert fit(a - 1e-9) == ("c", 80 * memplan.GPU_OVERHEAD)  # b cannot be made: skipped
+    assert fit(11) == (None, None)  # d needs 11.5
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size, variant", [("cpu", v) for v in PLAN_VARIANTS] + [("tiny", "adamw"),
                                                                                  ("tiny", "galore_pl_bf16_ckpt")])
@@ -2264,8 +2274,12 @@ def test_memplan_docstring_example_plans_a_model_of_your_own():
         scope = {}
         exec(code, scope)
     p, n = scope["p"], 1024 * 4096 + 4096 + 4096 * 1024 + 1024
-    assert out.getvalue() == memplan.report(p) + "\n" and out.getvalue().startswith(
+    assert out.getvalue() == memplan.report(p) + "\nTrue\n8192 0.68 GB\n" and out.getvalue().startswith(
         f"peak {p['peak_bytes'] / 1e9:6.2f} GB of tensors, during step ")
+    # Its largest batch in 1 GB, checked: 8192 fits with the margin, 16384 does not.
+    batch = lambda b: memplan.plan(scope["build"], lambda *a: scope["step"](*a, batch=b))
+    assert memplan.gpu_bytes(batch(8192)) <= 1e9 < memplan.gpu_bytes(batch(16384))
+    assert scope["need"] == batch(8192)["peak_bytes"] * memplan.GPU_OVERHEAD
     assert p["params"] == n and p["weight_bytes"] == p["bytes"]["weights"] == 4 * n
     assert p["bytes"]["gradients"] == 4 * n and p["state_bytes"] >= 8 * n  # M and V of every weight
     real = memplan.plan(scope["build"], scope["step"], fake=False)
@@ -2418,6 +2432,10 @@ def test_gpu_check_names_the_flags_that_make_a_run_fit(monkeypatch, plans_once):
     changes, msg = problem(args)
     assert changes is None
     assert "with --activation_checkpointing --param_dtype bfloat16 --per_layer --batch_size 1 --grad_accum 2 it" in msg
+    # A switch already on is not suggested again: with checkpointing on, bf16 weights come first.
+    free["bytes"] = ckpt_bf16 + 1
+    on = _plan_args(*flags, "--no_auto_batch", "--activation_checkpointing", size="tiny")
+    assert f"GB are free; with --param_dtype bfloat16 it needs about {ckpt_bf16 / 1e9:.1f} GB" in problem(on)[1]
     free["bytes"] = 1e3  # every switch already on: nothing left to suggest
     args = _plan_args("--batch_size", "1", "--per_layer", "--param_dtype", "bfloat16",
                       "--activation_checkpointing", size="tiny")
@@ -2442,6 +2460,8 @@ def test_a_run_that_does_not_fit_takes_the_largest_micro_batch_that_does(monkeyp
                     f"{free['bytes'] / 1e9:.1f} GB are free: micro-batches of 4 x 512 with --grad_accum 2 "
                     f"({need[4, False] / 1e9:.1f} GB), the same 4,096 tokens per step (--no_auto_batch refuses "
                     "instead)")
+    free["bytes"] = need[8, False] - 1  # 7 x 512 would fit, but 8 tokens split evenly: 4, the same tokens per step
+    assert gpu_memory_problem(args, "cuda")[0] == dict(batch_size=4, grad_accum=2, activation_checkpointing=False)
     free["bytes"] = need[1, False] - 1  # not even 1 x 512: checkpointing, with the largest micro-batch that fits
     best = next(b for b in (8, 4, 2, 1) if need[b, True] <= free["bytes"])
     changes, line = gpu_memory_problem(args, "cuda")

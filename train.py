@@ -39,10 +39,6 @@ from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, o
 from llama import PRESETS, Llama, LlamaConfig
 import memplan
 
-# Planned tensor bytes x this = what a GPU needs. Measured on an H100 (docs/memory.md): the allocated peak was
-# at most 3.4% above the plan (library workspaces, rounding), the allocator's reserved memory 8% above that.
-# The CUDA context is not in it: torch.cuda.mem_get_info's free memory already excludes it.
-GPU_OVERHEAD = 1.15
 DEFAULT_RANK = {"tiny": 8, "cpu": 64, "60M": 128, "125M": 256, "350M": 256, "1B": 512,  # the paper's ranks per size
                 "3B": 640, "7B": 512}  # ours (the paper: 7B 1024): see "Default ranks" in docs/memory.md
 
@@ -378,50 +374,44 @@ def gpu_memory_problem(args, device):
     planned too, in seconds. The vocabulary planned is --tokenizer's (GPT-2's by default): the data's is not read
     yet."""
     free = torch.cuda.mem_get_info(device)[0]
-    need = lambda a: plan_memory(a, "cuda")["peak_bytes"] * GPU_OVERHEAD
+    def plan_of(changes):  # the plan of this run with these changes to its flags, None if they make it invalid
+        a = argparse.Namespace(**{**vars(args), **changes})
+        return None if check_args(a, model_config(a), 1) else plan_memory(a, "cuda")
     try:
-        planned = need(args)
+        planned = memplan.gpu_bytes(plan_of({}))
     except Exception as e:  # a run the planner cannot plan still runs
         print(f"memory plan skipped ({type(e).__name__}: {str(e)[:200]})")
         return {}, None
     if planned <= free:
         return {}, None
-    def fits(changes):  # the planned bytes of args with these changes if they are valid and fit, else None
-        a = argparse.Namespace(**{**vars(args), **changes})
-        if not check_args(a, model_config(a), 1) and (fit := need(a)) <= free:
-            return fit
-    if not args.no_auto_batch:
-        B, T = args.batch_size, args.block_size
-        micro = [b for b in range(B, 0, -1) if B % b == 0]
-        for ckpt in [False, True] if not args.activation_checkpointing else [True]:  # checkpointing only if needed
-            for b in micro:
-                changes = dict(batch_size=b, grad_accum=args.grad_accum * B // b, activation_checkpointing=ckpt)
-                if (b, ckpt) != (B, args.activation_checkpointing) and (fit := fits(changes)):
-                    how = [f"micro-batches of {b} x {T} with --grad_accum {changes['grad_accum']}"] if b < B else []
-                    how += ["--activation_checkpointing"] if ckpt and not args.activation_checkpointing else []
-                    return changes, (f"{B} x {T} tokens need about {planned / 1e9:.1f} GB of GPU memory, "
-                                     f"{free / 1e9:.1f} GB are free: {' and '.join(how)} ({fit / 1e9:.1f} GB), the "
-                                     f"same {B * T * args.grad_accum:,} tokens per step (--no_auto_batch refuses "
-                                     "instead)")
-    # The switches, cumulatively; then per-layer updates, then micro-batches of one, each on top of them.
-    candidates, flags, changes = [], [], {}
+    B, T, gb = args.batch_size, args.block_size, lambda b: f"{b / 1e9:.1f} GB"
+    if not args.no_auto_batch:  # micro-batches from large to small; checkpointing only if none fits without it
+        splits = [dict(batch_size=b, grad_accum=args.grad_accum * B // b, activation_checkpointing=ckpt)
+                  for ckpt in sorted({args.activation_checkpointing, True}) for b in range(B, 0, -1)
+                  if B % b == 0 and (b, ckpt) != (B, args.activation_checkpointing)]
+        changes, fit = memplan.first_fit(splits, plan_of, free)
+        if changes:
+            b, ckpt = changes["batch_size"], changes["activation_checkpointing"]
+            how = [f"micro-batches of {b} x {T} with --grad_accum {changes['grad_accum']}"] if b < B else []
+            how += ["--activation_checkpointing"] if ckpt and not args.activation_checkpointing else []
+            return changes, (f"{B} x {T} tokens need about {gb(planned)} of GPU memory, {gb(free)} are free: "
+                             f"{' and '.join(how)} ({gb(fit)}), the same {B * T * args.grad_accum:,} tokens per "
+                             "step (--no_auto_batch refuses instead)")
+    # Otherwise the memory switches this run is not using yet, cumulatively, the last micro-batches of one.
+    n, candidates, flags, changes = B * args.grad_accum, [], [], {}
     for flag, change in (("--activation_checkpointing", dict(activation_checkpointing=True)),
-                         ("--param_dtype bfloat16", dict(param_dtype="bfloat16"))):
+                         ("--param_dtype bfloat16", dict(param_dtype="bfloat16")),
+                         ("--per_layer", dict(per_layer=True, grad_clip=0.0)),
+                         (f"--batch_size 1 --grad_accum {n}", dict(batch_size=1, grad_accum=n))):
         if any(getattr(args, k) != v for k, v in change.items()):
             flags, changes = flags + [flag], {**changes, **change}
-            candidates.append((flags, changes))
-    if not args.per_layer:
-        flags, changes = flags + ["--per_layer"], {**changes, "per_layer": True, "grad_clip": 0.0}
-        candidates.append((flags, changes))
-    if args.batch_size > 1:  # the same tokens per step, in micro-batches of one
-        n = args.batch_size * args.grad_accum
-        candidates.append((flags + [f"--batch_size 1 --grad_accum {n}"], {**changes, "batch_size": 1, "grad_accum": n}))
-    for flags, changes in candidates:
-        if (fit := fits(changes)):
-            return None, (f"this run needs about {planned / 1e9:.1f} GB of GPU memory but {free / 1e9:.1f} GB are "
-                          f"free; with {' '.join(flags)} it needs about {fit / 1e9:.1f} GB (details: add --plan)")
-    return None, (f"this run needs about {planned / 1e9:.1f} GB of GPU memory but {free / 1e9:.1f} GB are free, and "
-                  f"no memory switch makes it fit; use a smaller --size or --rank (details: add --plan)")
+            candidates.append((" ".join(flags), changes))
+    found, fit = memplan.first_fit(candidates, lambda c: plan_of(c[1]), free)
+    if found:
+        return None, (f"this run needs about {gb(planned)} of GPU memory but {gb(free)} are free; with "
+                      f"{found[0]} it needs about {gb(fit)} (details: add --plan)")
+    return None, (f"this run needs about {gb(planned)} of GPU memory but {gb(free)} are free, and no memory "
+                  f"switch makes it fit; use a smaller --size or --rank (details: add --plan)")
 
 
 def print_plan(plan):
@@ -432,7 +422,8 @@ def print_plan(plan):
           + f", batch {plan['batch_size']} x {plan['block_size']} tokens"
           + (f", {plan['grad_accum']} micro-batches per step" if plan["grad_accum"] > 1 else ""))
     print(memplan.report(plan))
-    print("(tensor bytes only: on a GPU add the CUDA context and allocator overhead, see docs/memory.md)")
+    print(f"a CUDA GPU needs about {memplan.gpu_bytes(plan) / 1e9:.2f} GB free (tensor bytes x {memplan.GPU_OVERHEAD}, "
+          "the margin measured for the allocator and library workspaces: docs/memory.md)")
 
 
 @torch.no_grad()
