@@ -493,23 +493,23 @@ def docstring_text(path, packages=()):
 
 
 def run_config(optimizer, lr, alpha, rank=None, gap=200, reset=True, svd="full", proj_start=0, other_scale=1.0,
-               seed=0, accum=1, per_layer=False, clip=1.0):
+               seed=0, accum=1, per_layer=False, clip=1.0, residual=False):
     """One quality run's settings, with None where its optimizer has no use for one: the record's key.
     alpha: GaLore's scale (the control's factor on the matrices' lr); proj_start: GaLoreAdamW's proj_start_steps
     (full-rank warmup); other_scale: the unprojected tensors' lr is lr x other_scale; seed: init and batch order;
     accum: micro-batches per step (the batch split, the same tokens); per_layer: GaLore's per-layer updates;
-    clip: the global grad-norm clip (0 = none; per-layer updates cannot clip)."""
+    clip: the global grad-norm clip (0 = none; per-layer updates cannot clip); residual: GaLoreAdamW(residual=True)."""
     g = optimizer == "galore"
     return dict(optimizer=optimizer, lr=lr, rank=rank if g else None, gap=gap if g else None,
                 reset=reset if g else None, svd=svd if g else None, alpha=alpha if optimizer != "adamw" else None,
                 proj_start=proj_start if g else None, other_scale=other_scale if g else None, seed=seed,
-                accum=accum, per_layer=per_layer if g else None, clip=clip)
+                accum=accum, per_layer=per_layer if g else None, clip=clip, residual=residual if g else None)
 
 
 def run_key(r, alpha):
     """The settings of record r as a tuple; records written before a setting existed had its default."""
     given = {k: r[k] for k in ("rank", "gap", "reset", "svd", "proj_start", "other_scale", "seed", "accum",
-                               "per_layer", "clip") if r.get(k) is not None}
+                               "per_layer", "clip", "residual") if r.get(k) is not None}
     return tuple(run_config(r["optimizer"], r["lr"], r.get("alpha", alpha), **given).values())
 
 
@@ -524,7 +524,8 @@ def quality_run(data_dir, vocab_size, args, cfg):
                                           verbose=False)
     if cfg["optimizer"] == "galore":
         opt = GaLoreAdamW([{**other, "lr_scale": cfg["other_scale"]}, matrices], lr=cfg["lr"],
-                          proj_start_steps=cfg["proj_start"], reset_on_update=cfg["reset"], svd=cfg["svd"])
+                          proj_start_steps=cfg["proj_start"], reset_on_update=cfg["reset"], svd=cfg["svd"],
+                          residual=cfg["residual"])
         if cfg["per_layer"]:
             attach_per_layer_updates(model, opt, cfg["accum"])
     elif cfg["optimizer"] == "adamw_galore_lrs":
@@ -599,6 +600,9 @@ LONG_RUNS = (
     ("galore", 1e-2, {"gap": 500}), ("galore", 1e-2, {"proj_start": 400}),
     ("adamw_galore_lrs", 3e-3, {"seed": 1}),  # the baseline's own seed noise
     ("galore", 1e-2, {"rank": 96}),
+    # GaLore + the residual (Fira's norm-scaled residual, issue 37) at ranks width/4 and width/8, lrs bracketed
+    ("galore", 1e-2, {"residual": True}), ("galore", 1e-2, {"rank": 32, "residual": True}),
+    ("galore", 3e-3, {"residual": True}), ("galore", 3e-3, {"rank": 32, "residual": True}),
 )
 
 
@@ -606,7 +610,7 @@ def describe(r, alpha):
     """A run's settings in a few words: the optimizer and lr, then what differs from the defaults."""
     text = f"{r['optimizer']} lr {r['lr']:g}" + (f" r={r['rank']}" if r.get("rank") else "")
     defaults = run_config("galore", 1.0, alpha, rank=r.get("rank"))
-    for k in ("gap", "reset", "svd", "alpha", "proj_start", "other_scale", "per_layer"):
+    for k in ("gap", "reset", "svd", "alpha", "proj_start", "other_scale", "per_layer", "residual"):
         if r["optimizer"] == "galore" and r.get(k, defaults[k]) != defaults[k]:
             text += f" {dict(gap='T', proj_start='warmup', other_scale='other lr x').get(k, k)}={r[k]}"
     text += f" accum={r['accum']}" if r.get("accum", 1) != 1 else ""

@@ -96,7 +96,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 proj_start_steps=0, reset_on_update=True, svd="subspace", foreach=None):
+                 proj_start_steps=0, reset_on_update=True, svd="subspace", residual=False, foreach=None):
         # `not 0.0 <= x` is also True for NaN, so a NaN hyperparameter is refused too.
         if not 0.0 <= lr:
             raise ValueError(f"Invalid learning rate: {lr} (must be a number >= 0)")
@@ -122,7 +122,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # Per-layer updates with gradient accumulation (step_param): gradients seen per parameter in this step,
         # and each projected matrix's R summed so far. Not optimizer state: they are gradients.
         self._seen, self._pending, self._sketch = {}, {}, {}
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, svd=svd)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, svd=svd, residual=residual)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -145,6 +145,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         group = self.param_groups[-1]  # torch has now turned (name, tensor) pairs into params + param_names
         if group["svd"] not in ("full", "randomized", "subspace"):  # checked per group: a group may set its own
             raise ValueError(f"Invalid svd: {group['svd']!r} (use 'full', 'randomized' or 'subspace')")
+        if group["residual"] not in (True, False):
+            raise ValueError(f"Invalid residual: {group['residual']!r} (True or False)")
         for i, p in enumerate(group["params"]):
             self._where[p] = (len(self.param_groups) - 1, i)
         if "rank" in group:
@@ -405,10 +407,33 @@ class GaLoreAdamW(torch.optim.Optimizer):
             p.mul_(1 - lr * wd)                                # decoupled weight decay on the full W
         if projected:
             N = M / denom / bias_correction1                   # Alg. 1: N_t = M_t / (sqrt(V_t) + eps), r-space
+            if group["residual"]:
+                U, state["residual_norm"] = self.residual_step(p.grad, R, N, state["P"], state.get("residual_norm"))
+            else:
+                U = self.project_back(N, state["P"], p.shape)
             # Alg. 1: G~_t = alpha P_t N_t; W_t = W_t-1 + eta G~_t (the paper's G_t is the negative gradient)
-            p.add_(self.project_back(N, state["P"], p.shape), alpha=-lr * alpha)
+            p.add_(U, alpha=-lr * alpha)
         else:
             p.addcdiv_(M, denom, value=-lr * alpha / bias_correction1)  # plain AdamW at lr x alpha, as torch's
+
+    @staticmethod
+    def residual_step(G, R, N, P, last_norm, gamma=1.01):
+        """P N plus the residual S = G - (R projected back), each row (right) or column (left) of S scaled by
+        phi = ||N_row|| / ||R_row|| (Fira's norm-based scaling), its norm grown at most gamma x per step."""
+        right = G.shape[-2] >= G.shape[-1]
+        dim = -1 if right else -2  # along R's rank side: one phi per row of R (m, r), or column of R (r, n)
+        norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=torch.float32)
+        G2, R2 = norm(G).square(), norm(R).square()  # (m, 1) or (1, n)
+        phi = norm(N) / (R2.sqrt() + 1e-8)  # (m, 1) or (1, n)
+        # ||S_row||^2 = ||G_row||^2 - ||R_row||^2, since R P is G's orthogonal projection (P orthonormal)
+        S_norm = (phi.square() * (G2 - R2).clamp_(min=0)).sum((-2, -1), keepdim=True).sqrt_()  # ||phi S||
+        if last_norm is not None:  # Fira's norm-growth limiter
+            limiter = (S_norm / (last_norm.view(S_norm.shape) + 1e-8)).clamp_(min=gamma) / gamma
+            phi, S_norm = phi / limiter, S_norm / limiter
+        phi = phi.to(G.dtype)
+        # P N + phi S = P (N - phi R) + phi G: one project_back, no (m, n) S
+        U = GaLoreAdamW.project_back(N - phi * R, P, G.shape).addcmul_(G, phi)
+        return U, S_norm.view(S_norm.shape[:-2])
 
     # -- the batched step: _update's lines, once per stack of same-shaped matrices ---------------------------
     # On a GPU every tensor operation is a kernel launch of 5-10 us, and _update makes 11 per matrix: 1,106
