@@ -124,7 +124,7 @@ def test_rank_not_below_min_dim_trains_full_rank_like_adamw():
 
 
 # ------------------------------------------------------------------------------ the batched step
-def _batched_and_loop(dtype, svd, reset, seed=0):
+def _batched_and_loop(dtype, svd, reset, seed=0, residual=False):
     """The same parameters twice, with the batched step and with _update one matrix at a time."""
     # (Large enough for CPU's bmm to take BLAS like mm does: below 400 multiply-adds per output it has its own loop.)
     shapes = [(24, 16)] * 3 + [(16, 24)] * 2 + [(20, 20)] * 2 + [(6, 4)] + [(5,), (3, 4, 2)]  # (6, 4): r >= min
@@ -134,7 +134,8 @@ def _batched_and_loop(dtype, svd, reset, seed=0):
         for p in ps:
             p.data = p.data.to(dtype)
         opt = GaLoreAdamW([{"params": ps[-2:]}, {"params": ps[:-2], "rank": 4, "update_proj_gap": 3}], lr=1e-2,
-                          weight_decay=0.1, proj_start_steps=2, reset_on_update=reset, svd=svd, foreach=foreach)
+                          weight_decay=0.1, proj_start_steps=2, reset_on_update=reset, svd=svd, residual=residual,
+                          foreach=foreach)
         opt.max_stack_numel = 800  # stacks of at most 2 (24 x 16) matrices: the three of them go 2 + 1
         out.append((ps, opt))
     return out
@@ -149,19 +150,21 @@ def _grads(ps, step):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("svd, reset", [("full", True), ("full", False), ("subspace", True), ("subspace", False)])
-def test_batched_step_equals_one_matrix_at_a_time(dtype, svd, reset):
+@pytest.mark.parametrize("svd, reset, residual", [("full", True, False), ("full", False, False), ("subspace", True, False),
+                                                  ("subspace", False, False), ("full", True, True),
+                                                  ("subspace", False, True)])
+def test_batched_step_equals_one_matrix_at_a_time(dtype, svd, reset, residual):
     # Tall, wide and square stacks, one stack split in two, a matrix with r >= min(m, n), unprojected tensors,
     # warmup and the switch (step 2), refreshes (5, 8, 11), missed gradients (so moments of one shape have
     # different ages), weight decay, an LR schedule, a resume in the middle. Same operations in the same order:
     # the same numbers, bit for bit.
-    (ours, opt), (ref, opt_ref) = _batched_and_loop(dtype, svd, reset)
+    (ours, opt), (ref, opt_ref) = _batched_and_loop(dtype, svd, reset, residual=residual)
     for step in range(12):
         if step == 6:  # resume the batched run from a weights_only checkpoint
             buf = io.BytesIO()
             torch.save(opt.state_dict(), buf)
             buf.seek(0)
-            (ours2, opt), _ = _batched_and_loop(dtype, svd, reset)
+            (ours2, opt), _ = _batched_and_loop(dtype, svd, reset, residual=residual)
             with torch.no_grad():
                 for p, q in zip(ours2, ours):
                     p.copy_(q)
@@ -178,9 +181,97 @@ def test_batched_step_equals_one_matrix_at_a_time(dtype, svd, reset):
                 assert torch.equal(t, opt_ref.state[q][key]) if torch.is_tensor(t) else t == opt_ref.state[q][key]
         if step == 7:  # one shape, two ages of the moments (two buckets, two bias corrections)
             assert opt.state[ours[0]]["step"] == opt.state[ours[1]]["step"] + 1
+    assert ("residual_norm" in opt.state[ours[0]]) == residual
     assert all(t.dtype == dtype for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     P = opt.state[ours[0]]["P"]
     assert P.untyped_storage().nbytes() == P.numel() * P.element_size()  # its own storage, not the stack's
+
+
+# --------------------------------------------------------------------------------- Fira's residual
+def test_residual_step_is_fira_norm_scaled_residual_written_out():
+    # W -= lr alpha (P N + phi S): S = G - (R projected back), each row (tall W) or column (wide W) scaled by
+    # phi = ||N_row|| / ||R_row||, and ||phi S|| held to at most 1.01 x the last step's. Written out here with S
+    # itself (galore.py never forms it) and an exact SVD at every refresh.
+    for shape, r in (((24, 16), 4), ((16, 24), 4)):
+        W = make_params([shape])[0]
+        opt = GaLoreAdamW([{"params": [W], "rank": r, "update_proj_gap": 3}], lr=1e-2, svd="full", residual=True)
+        ref, right, last, limited = W.detach().clone(), shape[0] >= shape[1], None, []
+        for t in range(8):
+            G = torch.randn(shape, generator=torch.Generator().manual_seed(t)) * (1 + t % 2)  # norms go up and down
+            W.grad = G.clone()
+            if t % 3 == 0:  # refresh and reset
+                U, _, Vh = torch.linalg.svd(G)
+                P, M, V, k = (Vh[:r] if right else U[:, :r]), 0, 0, 0
+            R = G @ P.T if right else P.T @ G
+            k, M, V = k + 1, 0.9 * M + 0.1 * R, 0.999 * V + 0.001 * R * R
+            N = (M / (1 - 0.9 ** k)) / ((V / (1 - 0.999 ** k)).sqrt() + 1e-8)
+            back = lambda X: X @ P if right else P @ X
+            dim = 1 if right else 0
+            phi_S = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + 1e-8) * (G - back(R))
+            if last is not None and phi_S.norm() > 1.01 * last:
+                phi_S, _ = phi_S * 1.01 * last / phi_S.norm(), limited.append(t)
+            last = phi_S.norm()
+            ref -= 1e-2 * 0.25 * (back(N) + phi_S)
+            opt.step()
+            torch.testing.assert_close(W.detach(), ref, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(opt.state[W]["residual_norm"], last, rtol=1e-4, atol=0)
+        assert 0 < len(limited) < 7  # the limiter acted on some steps, not all
+        assert opt.state[W]["residual_norm"].shape == ()  # one number per matrix
+
+
+def test_no_residual_during_warmup_or_for_a_matrix_with_nothing_to_compress():
+    # Warmup steps and r >= min(m, n) are full-rank already: residual=True changes nothing there, to the bit.
+    shapes = [(16, 12), (4, 6), (5,)]
+    runs = []
+    for residual in (False, True):
+        ps = make_params(shapes)
+        opt = GaLoreAdamW([{"params": ps[:2], "rank": 4, "update_proj_gap": 2}, {"params": ps[2:]}], lr=1e-2,
+                          proj_start_steps=3, residual=residual)
+        runs.append((ps, opt))
+    for step in range(6):
+        for ps, opt in runs:
+            set_grads(ps, step)
+            opt.step()
+        (plain, opt_plain), (res, opt_res) = runs
+        assert torch.equal(plain[0], res[0]) == (step < 3), step  # the (16, 12) matrix: same until the switch
+        assert torch.equal(plain[1], res[1]) and torch.equal(plain[2], res[2])  # r >= min(4, 6), and a vector
+    assert optimizer_state_bytes(opt_res) == optimizer_state_bytes(opt_plain) + 4  # one fp32 number, one matrix
+
+
+def test_a_checkpoint_saved_before_the_residual_option_loads_and_trains_without_it():
+    ps = make_params([(16, 12)])
+    opt = GaLoreAdamW([{"params": ps, "rank": 4}], lr=1e-2)
+    set_grads(ps, 0)
+    opt.step()
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["residual"]  # as written before the option existed
+    opt2 = GaLoreAdamW([{"params": ps, "rank": 4}], lr=1e-2, residual=True)
+    opt2.load_state_dict(old)
+    assert opt2.param_groups[0]["residual"] is False
+    set_grads(ps, 1)
+    opt2.step()
+    assert "residual_norm" not in opt2.state[ps[0]]
+
+
+def test_residual_with_per_layer_updates_equals_the_standard_path_and_refuses_accumulation():
+    normal, per_layer = _small_model(), _small_model()
+    make = lambda model: GaLoreAdamW(galore_param_groups(model, rank=4, update_proj_gap=3, verbose=False), lr=1e-2,
+                                     proj_start_steps=2, residual=True)
+    opt_n, opt_p = make(normal), make(per_layer)
+    attach_per_layer_updates(per_layer, opt_p)
+    for it in range(7):  # the switch (2) and refreshes (5)
+        x = torch.randint(0, 512, (4, 16), generator=torch.Generator().manual_seed(it))
+        for model, opt in ((normal, opt_n), (per_layer, opt_p)):
+            model(x[:, :-1], x[:, 1:])[1].backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    for p, q in zip(normal.parameters(), per_layer.parameters()):
+        assert torch.equal(p, q)
+    assert sum("residual_norm" in st for st in opt_p.state.values()) == 14  # the 2 x 7 matrices
+    with pytest.raises(ValueError, match="^residual=True needs each step's whole gradient G, which per-layer "
+                                         "updates with micro_batches > 1 never hold"):
+        attach_per_layer_updates(_small_model(), make(_small_model()), micro_batches=2)
 
 
 def test_batched_step_launches_a_few_operators_per_stack():
@@ -461,6 +552,8 @@ def test_state_bytes_125M_rank128_equal_hand_count():
     (dict(weight_decay=-0.1), "Invalid weight_decay value: -0.1 (must be a number >= 0)"),
     (dict(proj_start_steps=-1), "Invalid proj_start_steps: -1 (must be an int >= 0)"),
     (dict(svd="lanczos"), "Invalid svd: 'lanczos' (use 'full', 'randomized' or 'subspace')"),
+    (dict(residual="yes"), "Invalid residual: 'yes' (use True or False)"),
+    (dict(reset_on_update="yes"), "Invalid reset_on_update: 'yes' (use True or False)"),
     (dict(foreach="yes"), "Invalid foreach: 'yes' (True: the batched step, False: one matrix at a time, None: "
                           "batched on CUDA only)"),
 ])
@@ -481,6 +574,7 @@ def test_hyperparameters_at_the_edges_of_their_ranges_are_accepted():
     (dict(rank=2, update_proj_gap=0), "Invalid update_proj_gap: 0 (must be an int > 0)"),
     (dict(rank=2, scale=0.0), "Invalid scale (alpha): 0.0 (must be a number > 0)"),
     (dict(rank=2, scale=float("nan")), "Invalid scale (alpha): nan (must be a number > 0)"),
+    (dict(rank=2, scale="0.5"), "Invalid scale (alpha): 0.5 (must be a number > 0)"),
     (dict(rank=2, proj_type="random"), "Unsupported proj_type: 'random'. This implementation has only 'std' "
                                        "(project on the smaller side of each matrix); use proj_type='std'"),
     (dict(rank=2, svd="lanczos"), "Invalid svd: 'lanczos' (use 'full', 'randomized' or 'subspace')"),
@@ -490,9 +584,39 @@ def test_bad_galore_groups_are_named(group, message):
         GaLoreAdamW([{"params": make_params([(4, 4)]), **group}])
 
 
+def test_a_refused_param_group_added_later_leaves_the_optimizer_as_it_was():
+    opt = GaLoreAdamW(make_params([(4, 4)]))
+    bad = make_params([(3,)])
+    with pytest.raises(ValueError, match="GaLore projects 2-D matrices only"):
+        opt.add_param_group({"params": bad, "rank": 2})
+    assert len(opt.param_groups) == 1 and bad[0] not in opt._where
+    opt.add_param_group({"params": bad})  # the same tensor, now in a group that does not project it
+    assert len(opt.param_groups) == 2
+
+
 def test_projected_param_must_be_2d_and_is_named():
     with pytest.raises(ValueError, match="parameter 'norm.weight' has shape \\(8,\\).*without 'rank'"):
         GaLoreAdamW([{"params": [("norm.weight", nn.Parameter(torch.ones(8)))], "rank": 2}])
+
+
+def test_a_complex_parameter_is_refused_and_named():
+    # In a projected group the SVD would take a real cast and drop the imaginary part; in any group V = R * R
+    # would be a complex square, not |R|^2. Refused rather than trained wrong.
+    W = nn.Parameter(torch.randn(6, 4, dtype=torch.complex64))
+    for group in ({"rank": 2}, {}):
+        with pytest.raises(ValueError, match=re.escape("parameter 'w' is complex (torch.complex64): GaLoreAdamW "
+                                                       "trains real tensors only; use torch.optim.AdamW for it")):
+            GaLoreAdamW([{"params": [("w", W)], **group}])
+
+
+def test_any_integral_rank_gap_and_warmup_are_accepted_as_ints():
+    opt = GaLoreAdamW([{"params": make_params([(8, 6)]), "rank": np.int64(2), "update_proj_gap": np.int32(3)}],
+                      proj_start_steps=np.int64(1))
+    group = opt.param_groups[0]
+    assert (group["rank"], group["update_proj_gap"], opt.proj_start_steps) == (2, 3, 1)
+    assert all(type(v) is int for v in (group["rank"], group["update_proj_gap"], opt.proj_start_steps))
+    with pytest.raises(ValueError, match=re.escape("Invalid rank: True (must be an int > 0)")):
+        GaLoreAdamW([{"params": make_params([(8, 6)]), "rank": True}])  # a bool is not a rank
 
 
 def test_sparse_gradient_is_refused_with_the_parameter_name():
@@ -1330,12 +1454,26 @@ def test_a_run_without_its_tokenizer_files_skips_only_the_closing_sample(corpus,
     (["--per_layer", "--grad_clip", "1.0"], "cannot clip their global norm"),
     (["--resume"], "--resume: no checkpoint at"),
     (["--input", "/other/text.txt"], "already holds files: "),
+    (["--residual", "--optimizer", "adamw"], "--residual is part of GaLore"),
+    (["--residual", "--per_layer", "--grad_accum", "2"], "--residual needs each step's whole gradient"),
 ])
 def test_train_bad_flags_one_line_error(corpus, tmp_path, flags, message):
     _, data_dir = corpus
     p = run("train.py", *TINY, "--steps", "5", "--data_dir", data_dir, "--out_dir", str(tmp_path / "o"), *flags,
             check=False)
     assert p.returncode != 0 and message in p.stderr and "Traceback" not in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+def test_train_with_the_residual_saves_it_in_the_checkpoint(corpus, tmp_path):
+    _, data_dir = corpus
+    p = run("train.py", *TINY, "--steps", "4", "--eval_interval", "4", "--residual", "--data_dir", data_dir,
+            "--out_dir", str(tmp_path))
+    assert "done: tiny galore, 4 steps" in p.stdout
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    state = ckpt["optimizer"]["state"].values()
+    assert ckpt["args"]["residual"] is True and sum("residual_norm" in st for st in state) == 14  # 7 per block
+    assert all(g["residual"] for g in ckpt["optimizer"]["param_groups"])
 
 
 def test_defaults_are_the_papers_recipe():
@@ -1412,7 +1550,7 @@ def test_unavailable_devices_and_files_for_folders_are_one_line_errors(tmp_path)
 
 @pytest.mark.parametrize("flag, value", [("optimizer", "adamw"), ("rank", 16), ("update_proj_gap", 50),
                                          ("galore_scale", 0.5), ("weight_decay", 0.1), ("proj_start_steps", 10),
-                                         ("no_reset", True), ("svd", "full")])
+                                         ("no_reset", True), ("svd", "full"), ("residual", True)])
 def test_resume_refuses_a_changed_optimizer_flag(flag, value):
     saved = vars(get_args(["--size", "tiny"]))  # what a checkpoint's "args" holds
     args = get_args(["--size", "tiny"])
@@ -1420,7 +1558,7 @@ def test_resume_refuses_a_changed_optimizer_flag(flag, value):
     args.steps, args.lr = 9000, 0.02  # the schedule and the length of a run may change on resume
     assert resume_problem(saved, args) is None
     setattr(args, flag, value)
-    fix = "drop --no_reset" if flag == "no_reset" else f"use --{flag} {saved[flag]}"
+    fix = f"drop --{flag}" if flag in ("no_reset", "residual") else f"use --{flag} {saved[flag]}"
     assert resume_problem(saved, args) == (f"--resume: --{flag} {value} differs from the checkpoint's {saved[flag]}; "
                                            f"a resumed run keeps the optimizer settings it was saved with: {fix}, or "
                                            "start a new run in another --out_dir")
