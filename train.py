@@ -69,6 +69,8 @@ def get_args(argv=None):
     a("--no_reset", action="store_true", help="keep the moments at a refresh (official GaLore behaviour)")
     a("--svd", default="subspace", choices=["full", "randomized", "subspace"],
       help="projector refresh: exact SVD, randomized torch.svd_lowrank, or subspace iteration from the previous P")
+    a("--residual", action="store_true", help="also step along the gradient GaLore drops, scaled as Fira does "
+      "(galore.py: Fira's residual)")
     a("--warmup_steps", type=int, default=None, help="linear LR warmup (default: 10%% of --steps)")
     a("--min_lr", type=float, default=None, help="cosine decays to this (default: 10%% of --lr)")
     a("--weight_decay", type=float, default=0.0, help="decoupled weight decay")
@@ -134,6 +136,11 @@ def check_args(args, cfg, world_size):
     if args.per_layer and args.grad_clip > 0:
         return ("--per_layer never holds all gradients at once, so it cannot clip their global norm: "
                 "drop --grad_clip or use --grad_clip 0")
+    if args.residual and args.optimizer != "galore":
+        return "--residual is part of GaLore (the gradient its projection drops): use it with --optimizer galore"
+    if args.residual and args.per_layer and args.grad_accum > 1:
+        return ("--residual needs each step's whole gradient, which --per_layer with --grad_accum > 1 never holds: "
+                "use --grad_accum 1, or drop --residual")
     if args.per_layer and world_size > 1:
         return "--per_layer is not supported with DDP (torchrun): run it on one process, or drop --per_layer"
     return None
@@ -141,7 +148,7 @@ def check_args(args, cfg, world_size):
 
 # What a checkpoint's optimizer state was built with: a resumed run keeps these (docs/running.md).
 RESUME_FIXED = ("optimizer", "rank", "update_proj_gap", "galore_scale", "weight_decay", "proj_start_steps",
-                "no_reset", "svd")
+                "no_reset", "svd", "residual")
 
 
 def resume_problem(saved_args, args):
@@ -270,7 +277,7 @@ def build_optimizer(model, args, verbose=True, foreach=None):
     if args.optimizer == "galore":
         groups = galore_param_groups(model, args.rank, args.update_proj_gap, args.galore_scale, verbose=verbose)
         return GaLoreAdamW(groups, lr=args.lr, weight_decay=args.weight_decay, proj_start_steps=args.proj_start_steps,
-                           reset_on_update=not args.no_reset, svd=args.svd, foreach=foreach)
+                           reset_on_update=not args.no_reset, svd=args.svd, residual=args.residual, foreach=foreach)
     if args.per_layer:  # needs step_param(); GaLoreAdamW without 'rank' is AdamW to the last bit (tested)
         return GaLoreAdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     # foreach=None is torch's choice (and GaLoreAdamW's): the multi-tensor kernels on CUDA, whose temporaries (e.g.
@@ -623,6 +630,13 @@ class CtrlC:
         if self.presses and not self.depth and not self.ddp:
             raise KeyboardInterrupt  # the press that came while waiting
 
+    @contextmanager
+    def holding(self, enabled):
+        """Yields hold(), which makes a signal wait from when it is called to the end of the with-block (None if
+        not enabled)."""
+        with ExitStack() as held:
+            yield (lambda: held.enter_context(self.wait())) if enabled else None
+
 
 def fail(msg):
     sys.exit(f"train.py: error: {msg}")  # one line, exit status 1, no traceback
@@ -705,30 +719,128 @@ def print_step(r, steps, eta_s):
           + (f" | peak mem {r['peak_mem_gb']:.2f} GB" if r["peak_mem_gb"] is not None else ""))
 
 
-def main(argv=None):
-    args = get_args(argv)
-    ddp = "RANK" in os.environ  # launched by torchrun
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    master = rank == 0
-    if (msg := check_args(args, model_config(args), world_size)):
-        fail(msg)
-    if args.plan:  # needs no data, no checkpoint and no GPU
-        print_plan(plan_memory(args, torch.device(args.device if args.device != "auto" else "cuda").type))
-        return
+class Run:
+    """What a run keeps besides the model and the optimizer: its files in --out_dir (ckpt.pt, log.jsonl, loss.png,
+    and wandb if asked), the signals (ctrl_c), and where it stands: `done` steps applied, `rng` both random streams
+    at that point. Those two change together with the weights, inside ctrl_c.wait(), so a signal anywhere saves a
+    state that a resume continues exactly (it repeats an unfinished step with the same batch)."""
+
+    def __init__(self, args, cfg, model, optimizer, gen, start, log, send, master, ddp):
+        self.args, self.cfg, self.model, self.optimizer, self.gen = args, cfg, model, optimizer, gen
+        self.start, self.log, self.send, self.master = start, log, send, master
+        self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+        self.cuda = torch.device(args.device).type == "cuda"
+        self.ctrl_c = CtrlC(ddp)
+        self.done, self.rng, self.dt_avg = start, rng_state(gen), None
+
+    def peak_gb(self):
+        return torch.cuda.max_memory_allocated() / 1e9 if self.cuda else None
+
+    def stop_nonfinite(self, what, step):
+        stop_nonfinite(what, step, self.ckpt_path, self.master)
+
+    def checkpoint(self, step):
+        if self.master:
+            if not all_finite(self.model, self.optimizer):  # never replace a good checkpoint with a broken one
+                self.stop_nonfinite("the weights or optimizer states are no longer finite", step)
+            save_atomic({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "config": asdict(self.cfg), "args": vars(self.args), "step": step, "log": self.log,
+                         "rng": self.rng}, self.ckpt_path)
+
+    def write_log(self, record):
+        self.log.append(record)  # the file is rewritten whole (a resume drops what came after its checkpoint)
+        save_atomic(self.log, os.path.join(self.args.out_dir, "log.jsonl"), write_jsonl)
+        if self.send:
+            self.send(record)
+
+    def evaluate(self, it, data_dir, ctx):
+        """Val loss on the fixed slice -> log, checkpoint and loss.png (not again for a step the log holds)."""
+        if any(r["step"] == it and "val_loss" in r for r in self.log):
+            return
+        a = self.args
+        slow = it == self.start and not self.cuda  # say what is happening before the first numbers
+        if slow:
+            print(f"step {it}: evaluating on {a.eval_iters} val batches...", flush=True)
+        val = evaluate(self.model, data_dir, "val", a.batch_size, a.block_size, a.eval_iters, a.device, ctx, slow)
+        if not math.isfinite(val):
+            self.stop_nonfinite(f"validation loss is {val}", it)
+        with self.ctrl_c.wait():
+            self.write_log({"step": it, "val_loss": val, "val_ppl": perplexity(val), "peak_mem_gb": self.peak_gb()})
+            print(f"step {it}: val loss {val:.4f}, perplexity {perplexity(val):.1f}")
+            self.checkpoint(it)
+            plot(self.log, os.path.join(a.out_dir, "loss.png"))
+
+    def stepped(self, it, t0, loss, lr, norm, tokens_per_step):
+        """After optimizer step `it` (inside ctrl_c.wait()): record it as done; on the run's first step check the
+        disk and print the ETA; every log_interval steps a log line. One host-device sync per step (here and
+        the loss's .item()): a non-finite value must stop the run before it is saved."""
+        norm = None if norm is None else norm.item()
+        if norm is not None and not math.isfinite(norm):  # not applied: the weights are still step it's
+            self.stop_nonfinite(f"gradient norm is {norm}", it)
+        self.done, self.rng = it + 1, rng_state(self.gen)
+        first, a = it == self.start, self.args
+        if first and self.master and (msg := disk_problem(self.model, self.optimizer, a.out_dir, self.ckpt_path)):
+            fail(msg)  # now, not at the next checkpoint; the last one, a step behind, is kept
+        if self.cuda:
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        self.dt_avg = dt if it <= self.start + 1 else 0.9 * self.dt_avg + 0.1 * dt  # step `start` compiles: left out
+        if first and self.master and (it + 1) % a.log_interval:  # how long this run takes, early
+            print_eta(it + 1, dt, a.steps - self.start)
+        if (it + 1) % a.log_interval == 0 and self.master:
+            self.write_log({"step": it + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+                            "tokens_per_s": tokens_per_step / dt,
+                            "opt_state_mb": optimizer_state_bytes(self.optimizer) / 1e6, "peak_mem_gb": self.peak_gb()})
+            print_step(self.log[-1], a.steps, (a.steps - it - 1) * self.dt_avg)
+
+    def finish(self, data_dir, ctx, tokens_per_step):
+        """The final figure on the whole val split, saved with the model; and a sample of its text."""
+        a = self.args
+        val = evaluate(self.model, data_dir, "val", a.batch_size, a.block_size, None, a.device, ctx)
+        with self.ctrl_c.wait():
+            self.write_log({"step": a.steps, "final_val_loss": val, "final_val_ppl": perplexity(val)})
+            self.checkpoint(a.steps)  # again, so that the log it holds has the final figure too
+        try:  # data tokenized on another machine: this one may lack the tokenizer's files, and the run is done
+            print("sample:", sample_text(self.model, get_encoding(a.tokenizer), a.sample_tokens, a.device, ctx, a.seed))
+        except DataError as e:
+            print(f"sample skipped: {e}")
+        peak = f", peak mem {self.peak_gb():.2f} GB" if self.cuda else ""
+        print(f"done: {a.size} {a.optimizer}, {a.steps} steps, {a.steps * tokens_per_step:,} tokens | "
+              f"val loss (whole split) {val:.4f}, perplexity {perplexity(val):.2f} | opt state "
+              f"{optimizer_state_bytes(self.optimizer) / 1e6:.1f} MB{peak}")
+
+    def interrupted(self):
+        """A signal: save the `done` steps (nothing of the next one was applied) and exit with 128 + its number."""
+        name = CtrlC.SIGNALS[self.ctrl_c.signum]
+        msg = f"stopped at once (a second {name}): {self.ckpt_path}, if any, is the last complete checkpoint"
+        try:
+            if self.ctrl_c.presses == 1:
+                self.checkpoint(self.done)  # a second signal raises here at once
+                msg = (f"interrupted{'' if name == 'Ctrl-C' else ' by ' + name}: checkpoint saved at step {self.done} "
+                       f"in {self.ckpt_path}; continue with --resume")
+        except KeyboardInterrupt:  # a second signal during the save: the temporary file is removed, the old kept
+            pass
+        except WriteError as e:
+            msg = f"interrupted, but the last step could not be saved: {e}"
+        if self.master:
+            print("\n" + msg, flush=True)
+        sys.exit(128 + self.ctrl_c.signum)
+
+
+def prepare_run(args, ddp, master):
+    """Everything a run needs before its model, each problem said in one line before anything is built:
+    --out_dir, wandb, the device and dtype, GPU memory (a run that does not fit takes a smaller micro-batch or
+    stops), the data (prepared on first use) and the checkpoint to resume. Returns (data_dir, cfg, ckpt, ctx, wandb)."""
     ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
     if not args.resume and os.path.exists(ckpt_path):  # never overwrite an earlier run's checkpoint by accident
         fail(f"{ckpt_path} exists: continue it with --resume, or choose another --out_dir")
     if master and (msg := folder_problem(args.out_dir, "--out_dir")):  # before the data: a first run downloads it
         fail(msg)
     wandb = import_wandb() if args.wandb and master else None
-
-    # Device, data, and the checkpoint to resume: every problem is found here, before the model is built.
     args.device = pick_device(args.device, ddp)
     device_type = torch.device(args.device).type
     if args.dtype == "auto":
         args.dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ctx = autocast_context(device_type, args.dtype, args.param_dtype)
-    peak_gb = lambda: torch.cuda.max_memory_allocated() / 1e9 if device_type == "cuda" else None  # for the log
     if device_type == "cuda" and not ddp:  # before the data (a first run downloads it) and the model
         changes, msg = gpu_memory_problem(args, args.device)
         if changes is None:
@@ -751,6 +863,20 @@ def main(argv=None):
         if device_type != "cuda" and args.size not in ("tiny", "cpu"):
             print(f"note: {args.size} trains slowly without a GPU (step 1's time and this run's ETA are printed "
                   "below); for a first run in minutes try --size tiny, or --size cpu --tokenizer bytes --input FILE")
+    return data_dir, cfg, ckpt, autocast_context(device_type, args.dtype, args.param_dtype), wandb
+
+
+def main(argv=None):
+    args = get_args(argv)
+    ddp = "RANK" in os.environ  # launched by torchrun
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    master = rank == 0
+    if (msg := check_args(args, model_config(args), world_size)):
+        fail(msg)
+    if args.plan:  # needs no data, no checkpoint and no GPU
+        print_plan(plan_memory(args, torch.device(args.device if args.device != "auto" else "cuda").type))
+        return
+    data_dir, cfg, ckpt, ctx, wandb = prepare_run(args, ddp, master)
 
     # The model and optimizer, restored from the checkpoint when resuming.
     torch.manual_seed(args.seed)
@@ -761,7 +887,7 @@ def main(argv=None):
     gen = torch.Generator().manual_seed(args.seed)  # batch sampling; the same stream on every DDP rank
     start, log = restore(ckpt, model, optimizer, gen) if ckpt is not None else (0, [])
     if ckpt is not None and master:
-        print(f"resumed from {ckpt_path} at step {start}")
+        print(f"resumed from {os.path.join(args.out_dir, 'ckpt.pt')} at step {start}")
     saved_wandb_id = ckpt["args"].get("wandb_id") if ckpt is not None else None
     del ckpt
     if args.per_layer:
@@ -771,7 +897,8 @@ def main(argv=None):
         model = torch.compile(model)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[torch.device(args.device).index] if device_type == "cuda" else None)
+        cuda = torch.device(args.device).type == "cuda"
+        model = DDP(model, device_ids=[torch.device(args.device).index] if cuda else None)
     os.makedirs(args.out_dir, exist_ok=True)
     if master:  # one run per folder: a second one would write the same files
         try:
@@ -779,115 +906,39 @@ def main(argv=None):
         except WriteError as e:
             fail(e)
     send = start_wandb(wandb, args.wandb, args, saved_wandb_id) if wandb else None  # after the lock: one run
+    run = Run(args, cfg, raw_model, optimizer, gen, start, log, send, master, ddp)
     tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
     next_batch = lambda: get_batch(data_dir, "train", args.batch_size, args.block_size, args.device, gen,
                                    rank=rank, world_size=world_size)
 
-    def checkpoint(step, rng):
-        if master:
-            if not all_finite(raw_model, optimizer):  # never replace a good checkpoint with a broken one
-                stop_nonfinite("the weights or optimizer states are no longer finite", step, ckpt_path, master)
-            save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "config": asdict(cfg),
-                         "args": vars(args), "step": step, "log": log, "rng": rng}, ckpt_path)
-
-    def write_log(record):
-        log.append(record)  # the file is rewritten whole (a resume drops what came after its checkpoint)
-        save_atomic(log, os.path.join(args.out_dir, "log.jsonl"), write_jsonl)
-        if send:
-            send(record)
-
-    # `done` steps are applied and `rng` is both random streams at that point. They change together with the
-    # weights inside ctrl_c.wait(), so a Ctrl-C anywhere saves a state that a resume continues exactly (it
-    # repeats an unfinished step with the same batch).
-    ctrl_c = CtrlC(ddp)
-    done, rng, dt_avg = start, rng_state(gen), None
+    # The training loop: evaluate -> lr -> forward/backward -> clip and step -> log.
     try:
         for it in range(start, args.steps + 1):
-            if ddp and ddp_stop(ctrl_c.presses > 0, raw_model, it, it % args.eval_interval == 0, args.device, master):
-                raise KeyboardInterrupt
-
-            # Evaluate, log, checkpoint and plot (a resume does not repeat an eval its log already holds).
-            is_eval = it % args.eval_interval == 0 or it == args.steps
-            if is_eval and master and not any(r["step"] == it and "val_loss" in r for r in log):
-                slow = it == start and device_type != "cuda"  # say what is happening before the first numbers
-                if slow:
-                    print(f"step {it}: evaluating on {args.eval_iters} val batches...", flush=True)
-                val = evaluate(raw_model, data_dir, "val", args.batch_size, args.block_size, args.eval_iters,
-                               args.device, ctx, progress=slow)
-                if not math.isfinite(val):
-                    stop_nonfinite(f"validation loss is {val}", it, ckpt_path, master)
-                with ctrl_c.wait():
-                    write_log({"step": it, "val_loss": val, "val_ppl": perplexity(val), "peak_mem_gb": peak_gb()})
-                    print(f"step {it}: val loss {val:.4f}, perplexity {perplexity(val):.1f}")
-                    checkpoint(it, rng)
-                    plot(log, os.path.join(args.out_dir, "loss.png"))
+            if ddp and ddp_stop(run.ctrl_c.presses > 0, raw_model, it, it % args.eval_interval == 0, args.device,
+                                master):
+                raise KeyboardInterrupt  # every rank stops at the same step
+            if master and (it % args.eval_interval == 0 or it == args.steps):
+                run.evaluate(it, data_dir, ctx)  # val loss -> log, checkpoint, loss.png
             if it == args.steps:
                 break
-
-            # One optimizer step: forward and backward over grad_accum micro-batches, then the update.
             lr = get_lr(it, args.lr, args.min_lr, args.warmup_steps, args.steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.time()  # the training step only: evals and checkpoints are not tokens/s
-            with ExitStack() as held:  # per-layer: the last micro-batch's backward updates the weights, so from
-                # there to `done` a Ctrl-C waits; during the micro-batches before it, nothing has changed yet
-                hold = (lambda: held.enter_context(ctrl_c.wait())) if args.per_layer else None
-                # .item() is one host-device sync per step: a non-finite loss must stop the run before it is applied
-                lossf = forward_backward(model, next_batch, args.grad_accum, ctx, ddp, hold).item()
-                if not math.isfinite(lossf):
-                    stop_nonfinite(f"loss is {lossf}", it, ckpt_path, master)
-                with ctrl_c.wait():  # the update, the record that it happened, and its log line, as one
+            # per_layer: the last micro-batch's backward updates the weights, so a signal waits from there on
+            with run.ctrl_c.holding(args.per_layer) as hold:
+                loss = forward_backward(model, next_batch, args.grad_accum, ctx, ddp, hold).item()
+                if not math.isfinite(loss):
+                    run.stop_nonfinite(f"loss is {loss}", it)
+                with run.ctrl_c.wait():  # the update and the record that it happened, as one
                     norm = optimizer_step(model, optimizer, args.grad_clip, args.per_layer)
-                    norm = None if norm is None else norm.item()
-                    if norm is not None and not math.isfinite(norm):  # not applied: the weights are still step it's
-                        stop_nonfinite(f"gradient norm is {norm}", it, ckpt_path, master)
-                    done, rng = it + 1, rng_state(gen)
-                    if it == start and master and (msg := disk_problem(raw_model, optimizer, args.out_dir, ckpt_path)):
-                        fail(msg)  # now, not at the next checkpoint; the last one, a step behind, is kept
-                    if device_type == "cuda":
-                        torch.cuda.synchronize()
-                    dt = time.time() - t0
-                    dt_avg = dt if it <= start + 1 else 0.9 * dt_avg + 0.1 * dt  # step `start` compiles: left out
-                    if it == start and master and (it + 1) % args.log_interval:  # how long this run takes, early
-                        print_eta(it + 1, dt, args.steps - start)
-                    if (it + 1) % args.log_interval == 0 and master:
-                        write_log({"step": it + 1, "loss": lossf, "lr": lr, "grad_norm": norm,
-                                   "tokens_per_s": tokens_per_step / dt,
-                                   "opt_state_mb": optimizer_state_bytes(optimizer) / 1e6, "peak_mem_gb": peak_gb()})
-                        print_step(log[-1], args.steps, (args.steps - it - 1) * dt_avg)
-
-        # The final figure on the whole val split, saved with the model; and a sample of its text.
+                    run.stepped(it, t0, loss, lr, norm, tokens_per_step)
         if master:
-            val = evaluate(raw_model, data_dir, "val", args.batch_size, args.block_size, None, args.device, ctx)
-            with ctrl_c.wait():
-                write_log({"step": args.steps, "final_val_loss": val, "final_val_ppl": perplexity(val)})
-                checkpoint(args.steps, rng)  # again, so that the log it holds has the final figure too
-            try:  # data tokenized on another machine: this one may lack the tokenizer's files, and the run is done
-                print("sample:", sample_text(raw_model, get_encoding(args.tokenizer), args.sample_tokens, args.device,
-                                             ctx, args.seed))
-            except DataError as e:
-                print(f"sample skipped: {e}")
-            peak = f", peak mem {peak_gb():.2f} GB" if device_type == "cuda" else ""
-            print(f"done: {args.size} {args.optimizer}, {args.steps} steps, {args.steps * tokens_per_step:,} tokens | "
-                  f"val loss (whole split) {val:.4f}, perplexity {perplexity(val):.2f} | opt state "
-                  f"{optimizer_state_bytes(optimizer) / 1e6:.1f} MB{peak}")
+            run.finish(data_dir, ctx, tokens_per_step)
     except WriteError as e:  # a full disk, a folder gone read-only, ...: the last complete files are kept
         fail(e)
     except KeyboardInterrupt:
-        name = CtrlC.SIGNALS[ctrl_c.signum]
-        msg = f"stopped at once (a second {name}): {ckpt_path}, if any, is the last complete checkpoint"
-        try:
-            if ctrl_c.presses == 1:  # `done` steps are applied, nothing of the next one (updates run in wait())
-                checkpoint(done, rng)  # a second signal raises here at once
-                msg = (f"interrupted{'' if name == 'Ctrl-C' else ' by ' + name}: checkpoint saved at step {done} in "
-                       f"{ckpt_path}; continue with --resume")
-        except KeyboardInterrupt:  # a second signal during the save: the temporary file is removed, the old kept
-            pass
-        except WriteError as e:
-            msg = f"interrupted, but the last step could not be saved: {e}"
-        if master:
-            print("\n" + msg, flush=True)
-        sys.exit(128 + ctrl_c.signum)
+        run.interrupted()
     if ddp:  # together: a rank that tears gloo down while rank 0 still evaluates can abort at exit (SIGABRT)
         dist.barrier()
         dist.destroy_process_group()
