@@ -222,6 +222,9 @@ SPEED_IMPLS = {  # name: (what, svd)
                     "subspace"),
     "galore_loop_full": ("GaLoreAdamW(foreach=False, svd='full'): as before the batched step and the subspace "
                          "refresh", "full"),
+    "galore_residual": ("GaLoreAdamW(residual=True), batched step, svd='subspace': Fira's residual", "subspace"),
+    "galore_loop_residual": ("GaLoreAdamW(foreach=False, residual=True), svd='subspace': Fira's residual, one "
+                             "matrix at a time", "subspace"),
     "official": ("galore_torch.GaLoreAdamW 1.0 (the paper's code)", "full"),
 }
 
@@ -234,7 +237,8 @@ def speed_optimizer(impl, model, rank, gap):
         from galore_torch import GaLoreAdamW as Official  # optional: pip install galore-torch
         unnamed = [{**g, "params": [p for _, p in g["params"]]} for g in groups]  # it takes no (name, p) pairs
         return Official(unnamed, lr=1e-3, no_deprecation_warning=True)
-    return GaLoreAdamW(groups, lr=1e-3, svd=SPEED_IMPLS[impl][1], foreach=not impl.startswith("galore_loop"))
+    return GaLoreAdamW(groups, lr=1e-3, svd=SPEED_IMPLS[impl][1], foreach=not impl.startswith("galore_loop"),
+                       residual=impl.endswith("_residual"))
 
 
 def count_launches(size, impl, rank, gap):

@@ -1,7 +1,7 @@
 """
 GaLore (Gradient Low-Rank Projection): AdamW whose moments live in a small subspace of each weight matrix's
 gradient, so that training takes less optimizer memory. The weights are not factored: each step is low rank, but
-the subspace is renewed every T steps, and their sum reaches full rank.
+the subspace is renewed every few hundred steps, and the steps add up to a full-rank change.
 
 Paper: Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", arXiv 2403.03507.
 
@@ -271,7 +271,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """P (not yet copied or broadcast: projector() does that) by one power step from P, or svd_lowrank."""
         right = right_side(G.shape)
         if svd == "subspace":
-            # A = G (m >= n) or G^T, so that P's directions are A's right singular vectors, Q (n', r).
+            # A = G (m >= n) or G^T, so that P's directions are A's right singular vectors: Q (n', r), n' = min(m, n).
             A, Q = (G.float(), P.float().mT) if right else (G.float().mT, P.float())
             Q = GaLoreAdamW.orthonormal(A.mT @ (A @ Q))  # (n', r): one power step on A^T A from the old subspace
             return Q.mT if right else Q                  # (r, n) rows or (m, r) columns
@@ -280,7 +280,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def orthonormal(Y):
-        """An orthonormal basis of Y's columns (n', r), in order (Gram-Schmidt's, by QR), each on Y's side."""
+        """An orthonormal basis of Y's columns (Y: n' x r, n' >= r), in order (Gram-Schmidt's, by QR), each column
+        on its Y column's side."""
         Q, Rq = torch.linalg.qr(Y)
         # QR fixes each column only up to sign (LAPACK's choice, not ours). diag(Rq) >= 0 puts column j on the
         # side of Y_j, which leans toward the old direction j (p_j . Y_j = |A p_j|^2 >= 0): on a gradient that
@@ -388,8 +389,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             if group["residual"]:
                 last = torch.stack([st["residual_norm"] for st in states]) if "residual_norm" in states[0] else None
                 update, norms = self.residual_step(G, torch.stack(R), torch.stack(N), P, last)  # (L, m, n), (L,)
-                for st, norm in zip(states, norms):
-                    st["residual_norm"] = norm.clone()
+                for st, norm in zip(states, norms.unbind()):  # views of one (L,) tensor: no launch per matrix
+                    st["residual_norm"] = norm
             else:
                 update = self.project_back(torch.stack(N), P, params[0].shape)  # (L, m, n)
             torch._foreach_add_(params, list(update), alpha=-lr * alpha)
