@@ -713,6 +713,16 @@ def quality_sweep(args, out):
                   f"{per_layer['final_val_loss']:.4f} / {standard['final_val_loss']:.4f} = "
                   f"{per_layer['final_val_loss'] / standard['final_val_loss']:.4f}")
         return result()
+    if args.quality_runs == "residual":  # GaLore + Fira's residual at ranks width/4 and width/8, lr bracketed
+        adamw = min((run(*c) for c in (("adamw", 1e-3), ("adamw_galore_lrs", 1e-2))), key=lambda r: r["final_val_loss"])
+        for rank in (width // 4, width // 8):
+            best = tune(lambda lr: run("galore", lr, rank=rank, residual=True), (3e-3, 1e-2))
+            plain = run("galore", 1e-2, rank=rank)
+            print(f"rank {rank}: GaLore + residual (lr {best['lr']:g}) {best['final_val_loss']:.4f}, GaLore "
+                  f"{plain['final_val_loss']:.4f}, best AdamW ({describe(adamw, args.alpha)}) "
+                  f"{adamw['final_val_loss']:.4f}: ratios {best['final_val_loss'] / adamw['final_val_loss']:.4f} "
+                  f"and {plain['final_val_loss'] / adamw['final_val_loss']:.4f}")
+        return result()
     if args.quality_runs == "refresh":  # the exact SVD against subspace iteration, same lr, T and seed
         for rank, gap in ((width // 4, 200), (width // 4, 50), (width // 2, 200)):
             exact, fast = (run("galore", 1e-2, rank=rank, gap=gap, svd=svd) for svd in ("full", "subspace"))
@@ -737,19 +747,21 @@ def quality_sweep(args, out):
 
 
 def quality_chart(result, path):
-    """Left: val loss curves of the best AdamW, the per-group control and the best GaLore at each rank.
-    Right: final val loss against optimizer state bytes, every run."""
+    """Left: val loss curves of the best AdamW, the per-group control and the best GaLore at each rank, with and
+    without the residual. Right: final val loss against optimizer state bytes, every run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = result["runs"]
     alpha = result["alpha"]
     label = lambda r: describe(r, alpha)
-    plain = lambda r: run_key(r, alpha) == tuple(run_config(r["optimizer"], r["lr"], alpha, rank=r["rank"]).values())
-    groups = {}  # the runs that differ only by lr, by optimizer and rank
+    residual = lambda r: bool(r.get("residual"))
+    plain = lambda r: run_key(r, alpha) == tuple(run_config(r["optimizer"], r["lr"], alpha, rank=r["rank"],
+                                                            residual=residual(r)).values())
+    groups = {}  # the runs that differ only by lr, by optimizer, rank and residual
     for r in runs:
         if plain(r):
-            groups.setdefault((r["optimizer"], r["rank"]), []).append(r)
+            groups.setdefault((r["optimizer"], r["rank"], residual(r)), []).append(r)
     groups = groups or {i: [r] for i, r in enumerate(runs)}  # none plain (e.g. --quality_runs accum): each run
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
     for rs in groups.values():
@@ -761,10 +773,11 @@ def quality_chart(result, path):
     ax1.legend(fontsize=8)
     for r in runs:
         if math.isfinite(r["final_val_loss"]):
-            ax2.scatter(r["state_bytes"] / 1e6, r["final_val_loss"], color="C0" if r["optimizer"] != "galore" else "C1")
+            color = "C0" if r["optimizer"] != "galore" else "C2" if residual(r) else "C1"
+            ax2.scatter(r["state_bytes"] / 1e6, r["final_val_loss"], color=color)
             ax2.annotate(label(r), (r["state_bytes"] / 1e6, r["final_val_loss"]), fontsize=6)
     ax2.set(xlabel="optimizer state (MB)", ylabel="final val loss, whole split",
-            title="quality vs optimizer memory (blue AdamW, orange GaLore)")
+            title="quality vs optimizer memory (blue AdamW, orange GaLore, green GaLore + residual)")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
@@ -803,11 +816,12 @@ def main():
     p.add_argument("--svd_repeats", type=int, default=3)
     p.add_argument("--quality", action="store_true", help="AdamW vs GaLore final val loss on byte-level text (CPU)")
     p.add_argument("--quality_runs", default="sweep",
-                   choices=["sweep", "pair", "adamw", "galore", "refresh", "long", "accum"],
+                   choices=["sweep", "pair", "adamw", "galore", "refresh", "long", "accum", "residual"],
                    help="with --quality: the whole sweep, AdamW vs GaLore (or either half of that pair alone, e.g. to "
                    "run them in two processes with two --out files), exact SVD vs subspace iteration, or the "
                    "long-horizon runs (LONG_RUNS: lr brackets and one change at a time from GaLore's defaults), or "
-                   "GaLore's per-layer updates with 4 micro-batches against the standard path with 4")
+                   "GaLore's per-layer updates with 4 micro-batches against the standard path with 4, or GaLore + "
+                   "Fira's residual (residual=True) at ranks width/4 and width/8, lr bracketed")
     p.add_argument("--quality_part", default="0/1", type=quality_part, metavar="K/N",
                    help="with --quality_runs long: only every N-th run from the K-th (0-based), so that N processes "
                    "given the same --out share the list")

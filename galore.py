@@ -44,7 +44,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
     R the projected gradient; M and V Adam's moments of R, k their age; N the normalized Adam step; alpha the
     group's 'scale'; T the group's 'update_proj_gap'; s the optimizer's step counter (`steps_taken`).
 
-    The update of W at step s (Algorithm 1 of the paper; `_update` does these lines, the paper's on its own):
+    The update of W at step s (Algorithm 1 of the paper; `_update` does these lines, each of the paper's statements
+    a comment on the line that does it):
 
         G  = dL/dW                                                    (m x n)     p.grad
         if s is a refresh step (schedule below):
@@ -62,13 +63,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     P spans the smaller side of W (the paper's 'std' rule), so M and V keep the larger one. A tensor in a group
     without 'rank', and a matrix with r >= min(m, n) (nothing to compress), take the same lines with P = identity
-    and alpha = 1: that is torch.optim.AdamW exactly (decay first, eps added after the bias correction).
+    and alpha = 1: that is torch.optim.AdamW exactly (decay first, eps added after the bias correction), given the
+    same hyperparameters (weight_decay defaults to 0 here, to 0.01 in torch).
 
     Schedule, one counter s for every matrix (s0 = proj_start_steps):
       * s < s0: full-rank warmup: every parameter takes AdamW steps with full-size moments, a matrix its group will
         project at lr x alpha (the step size it keeps after the switch), everything else at lr;
       * s = s0: the switch: every projected matrix gets its first P (a matrix with no gradient then, at its first);
-      * s = s0 + j T, j = 1, 2, ...: every projected matrix gets a new P.
+      * s = s0 + j T, j = 1, 2, ...: every projected matrix that has a gradient gets a new P.
 
     svd='full' computes every P by the exact SVD above. The default, svd='subspace', takes the first P from the SVD
     and every later one by one cheaper step of subspace iteration from the P it replaces; svd='randomized' takes
@@ -109,25 +111,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def add_param_group(self, param_group):
         # Called by Optimizer.__init__ for every group: each group is validated once, here, never in step().
-        if "rank" in param_group:
-            g = param_group
-            g.setdefault("update_proj_gap", 200)
-            g.setdefault("scale", 0.25)
-            g.setdefault("proj_type", "std")
-            if not (_is_int(g["rank"]) and g["rank"] > 0):
-                raise ValueError(f"Invalid rank: {g['rank']} (must be an int > 0)")
-            if not (_is_int(g["update_proj_gap"]) and g["update_proj_gap"] > 0):
-                raise ValueError(f"Invalid update_proj_gap: {g['update_proj_gap']} (must be an int > 0)")
-            g["rank"], g["update_proj_gap"] = int(g["rank"]), int(g["update_proj_gap"])  # e.g. from numpy
-            if not (isinstance(g["scale"], numbers.Real) and 0.0 < g["scale"]):
-                raise ValueError(f"Invalid scale (alpha): {g['scale']} (must be a number > 0)")
-            if g["proj_type"] != "std":
-                raise ValueError(f"Unsupported proj_type: {g['proj_type']!r}. This implementation has only "
-                                 "'std' (project on the smaller side of each matrix); use proj_type='std'")
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]  # torch has now turned (name, tensor) pairs into params + param_names
+        super().add_param_group(param_group)  # torch turns (name, tensor) pairs into params + param_names
+        group = self.param_groups[-1]
         try:
-            _check_group(group)
+            _check_group(group)  # also fills a GaLore group's defaults: T = 200, alpha = 0.25, proj_type 'std'
         except ValueError:
             self.param_groups.pop()  # a refused group is not kept
             raise
@@ -210,16 +197,17 @@ class GaLoreAdamW(torch.optim.Optimizer):
         sum it over micro-batches, EXTRAS); None: projected here from p.grad."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
         state = self.state[p]
-        projected = self.projects(p, group)  # False for any other tensor: then P = identity and R = G
+        projected = self.projects(p, group)  # False in warmup and for an unprojected tensor: P = identity, R = G
         alpha = group["scale"] if self.low_rank(p, group) else 1.0  # the warmup too steps at lr x alpha
 
         if R is None:
-            G = _dense_grad(p, group, i)  # (m, n) for a matrix      Alg. 1: G_t = grad of phi_t(W_t)
+            G = _dense_grad(p, group, i)  # (m, n) for a matrix      Alg. 1: G_t (the paper's is minus the gradient)
             R = G
             if projected:
                 refresh, reset = self._refresh_due(state, group)
-                if refresh:                                           # Alg. 1: if t mod T = 0
-                    # Alg. 1: P_t = U[:, :r] of SVD(G_t) (written for m <= n); between refreshes P_t = P_t-1
+                if refresh:                                           # Alg. 1: if t mod T = 0 (its t: s - s0)
+                    # Alg. 1: P_t = U[:, :r] of SVD(G_t) (the left side, m <= n; a square W takes the right side
+                    # here); between refreshes P_t = P_t-1
                     state["P"] = self.projector(G, group["rank"], group["svd"], state.get("P"))  # (r, n) or (m, r)
                 if reset:
                     self._reset(state)
@@ -248,7 +236,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                                                                     state.get("residual_norm"))
             else:
                 update = self.project_back(N, state["P"], p.shape)  # (m, n)  Alg. 1: G~_t = alpha P_t N_t
-            # Alg. 1: W_t = W_t-1 + eta G~_t (the paper's G_t is minus the gradient, so this is a descent step)
+            # Alg. 1: W_t = W_t-1 + eta G~_t: a subtraction here, since the paper's G_t is minus the gradient
             p.add_(update, alpha=-lr * alpha)
         else:
             p.addcdiv_(M, denom, value=-lr * alpha / bias_correction1)  # plain AdamW at lr x alpha, as torch's
@@ -531,6 +519,20 @@ def _dense_grad(p, group, i):
 
 
 def _check_group(group):
+    if "rank" in group:
+        group.setdefault("update_proj_gap", 200)
+        group.setdefault("scale", 0.25)
+        group.setdefault("proj_type", "std")
+        if not (_is_int(group["rank"]) and group["rank"] > 0):
+            raise ValueError(f"Invalid rank: {group['rank']} (must be an int > 0)")
+        if not (_is_int(group["update_proj_gap"]) and group["update_proj_gap"] > 0):
+            raise ValueError(f"Invalid update_proj_gap: {group['update_proj_gap']} (must be an int > 0)")
+        group["rank"], group["update_proj_gap"] = int(group["rank"]), int(group["update_proj_gap"])  # numpy's too
+        if not (isinstance(group["scale"], numbers.Real) and 0.0 < group["scale"]):
+            raise ValueError(f"Invalid scale (alpha): {group['scale']} (must be a number > 0)")
+        if group["proj_type"] != "std":
+            raise ValueError(f"Unsupported proj_type: {group['proj_type']!r}. This implementation has only "
+                             "'std' (project on the smaller side of each matrix); use proj_type='std'")
     if group["svd"] not in ("full", "randomized", "subspace"):  # per group: a group may set its own
         raise ValueError(f"Invalid svd: {group['svd']!r} (use 'full', 'randomized' or 'subspace')")
     if group["residual"] not in (True, False):

@@ -2156,13 +2156,14 @@ def test_ddp_ranks_share_rank_0s_projector_and_stop_together():
 
 
 @pytest.mark.slow
-def test_torchrun_ddp_equals_single_process_on_the_same_global_batch(corpus, tmp_path):
+@pytest.mark.parametrize("residual", [[], ["--residual"]])
+def test_torchrun_ddp_equals_single_process_on_the_same_global_batch(corpus, tmp_path, residual):
     _, data_dir = corpus
     # --svd full: a refresh by subspace iteration starts from the P the last one left, so the all-reduce's
     # rounding carries from refresh to refresh (up to 7.5e-4 here); the exact SVD starts afresh each time. That
     # ranks agree with the default refresh is checked by test_ddp_ranks_share_rank_0s_projector_and_stop_together.
     common = [*TINY, "--steps", "8", "--eval_interval", "4", "--update_proj_gap", "3", "--grad_accum", "2",
-              "--svd", "full", "--data_dir", data_dir]
+              "--svd", "full", "--data_dir", data_dir, *residual]
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         os.path.join(HERE, "train.py"), *common, "--out_dir", str(tmp_path / "ddp")],
                        capture_output=True, text=True, timeout=300)
