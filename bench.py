@@ -607,6 +607,7 @@ LONG_RUNS = (
     # GaLore + the residual (Fira's norm-scaled residual, issue 37) at ranks width/4 and width/8, lrs bracketed
     ("galore", 1e-2, {"residual": True}), ("galore", 1e-2, {"rank": 32, "residual": True}),
     ("galore", 3e-3, {"residual": True}), ("galore", 3e-3, {"rank": 32, "residual": True}),
+    ("galore", 3e-2, {"residual": True}), ("galore", 3e-2, {"rank": 32, "residual": True}),
 )
 
 
@@ -777,7 +778,7 @@ def quality_chart(result, path):
             ax2.scatter(r["state_bytes"] / 1e6, r["final_val_loss"], color=color)
             ax2.annotate(label(r), (r["state_bytes"] / 1e6, r["final_val_loss"]), fontsize=6)
     ax2.set(xlabel="optimizer state (MB)", ylabel="final val loss, whole split",
-            title="quality vs optimizer memory (blue AdamW, orange GaLore, green GaLore + residual)")
+            title="quality vs optimizer memory (blue AdamW, orange GaLore, green + residual)")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
