@@ -725,8 +725,9 @@ class Run:
     at that point. Those two change together with the weights, inside ctrl_c.wait(), so a signal anywhere saves a
     state that a resume continues exactly (it repeats an unfinished step with the same batch)."""
 
-    def __init__(self, args, cfg, model, optimizer, gen, start, log, send, master, ddp):
+    def __init__(self, args, cfg, model, optimizer, gen, start, log, send, master, ddp, tokens_per_step):
         self.args, self.cfg, self.model, self.optimizer, self.gen = args, cfg, model, optimizer, gen
+        self.tokens_per_step = tokens_per_step  # all ranks', all micro-batches'
         self.start, self.log, self.send, self.master = start, log, send, master
         self.ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
         self.cuda = torch.device(args.device).type == "cuda"
@@ -770,7 +771,7 @@ class Run:
             self.checkpoint(it)
             plot(self.log, os.path.join(a.out_dir, "loss.png"))
 
-    def stepped(self, it, t0, loss, lr, norm, tokens_per_step):
+    def stepped(self, it, t0, loss, lr, norm):
         """After optimizer step `it` (inside ctrl_c.wait()): record it as done; on the run's first step check the
         disk and print the ETA; every log_interval steps a log line. One host-device sync per step (here and
         the loss's .item()): a non-finite value must stop the run before it is saved."""
@@ -789,11 +790,11 @@ class Run:
             print_eta(it + 1, dt, a.steps - self.start)
         if (it + 1) % a.log_interval == 0 and self.master:
             self.write_log({"step": it + 1, "loss": loss, "lr": lr, "grad_norm": norm,
-                            "tokens_per_s": tokens_per_step / dt,
+                            "tokens_per_s": self.tokens_per_step / dt,
                             "opt_state_mb": optimizer_state_bytes(self.optimizer) / 1e6, "peak_mem_gb": self.peak_gb()})
             print_step(self.log[-1], a.steps, (a.steps - it - 1) * self.dt_avg)
 
-    def finish(self, data_dir, ctx, tokens_per_step):
+    def finish(self, data_dir, ctx):
         """The final figure on the whole val split, saved with the model; and a sample of its text."""
         a = self.args
         val = evaluate(self.model, data_dir, "val", a.batch_size, a.block_size, None, a.device, ctx)
@@ -805,7 +806,7 @@ class Run:
         except DataError as e:
             print(f"sample skipped: {e}")
         peak = f", peak mem {self.peak_gb():.2f} GB" if self.cuda else ""
-        print(f"done: {a.size} {a.optimizer}, {a.steps} steps, {a.steps * tokens_per_step:,} tokens | "
+        print(f"done: {a.size} {a.optimizer}, {a.steps} steps, {a.steps * self.tokens_per_step:,} tokens | "
               f"val loss (whole split) {val:.4f}, perplexity {perplexity(val):.2f} | opt state "
               f"{optimizer_state_bytes(self.optimizer) / 1e6:.1f} MB{peak}")
 
@@ -906,8 +907,8 @@ def main(argv=None):
         except WriteError as e:
             fail(e)
     send = start_wandb(wandb, args.wandb, args, saved_wandb_id) if wandb else None  # after the lock: one run
-    run = Run(args, cfg, raw_model, optimizer, gen, start, log, send, master, ddp)
-    tokens_per_step = args.batch_size * args.block_size * args.grad_accum * world_size
+    run = Run(args, cfg, raw_model, optimizer, gen, start, log, send, master, ddp,
+              tokens_per_step=args.batch_size * args.block_size * args.grad_accum * world_size)
     next_batch = lambda: get_batch(data_dir, "train", args.batch_size, args.block_size, args.device, gen,
                                    rank=rank, world_size=world_size)
 
@@ -932,9 +933,9 @@ def main(argv=None):
                     run.stop_nonfinite(f"loss is {loss}", it)
                 with run.ctrl_c.wait():  # the update and the record that it happened, as one
                     norm = optimizer_step(model, optimizer, args.grad_clip, args.per_layer)
-                    run.stepped(it, t0, loss, lr, norm, tokens_per_step)
+                    run.stepped(it, t0, loss, lr, norm)
         if master:
-            run.finish(data_dir, ctx, tokens_per_step)
+            run.finish(data_dir, ctx)
     except WriteError as e:  # a full disk, a folder gone read-only, ...: the last complete files are kept
         fail(e)
     except KeyboardInterrupt:
