@@ -59,7 +59,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import DataError, folder_problem, get_batch, iter_windows, prepare
-from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
+from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes, right_side
 from llama import PRESETS, Llama, LlamaConfig
 from train import (DEFAULT_RANK, WriteError, get_args, get_lr, plan_memory,  # what train.py runs: its flags,
                    save_atomic)  # schedule and planner; its atomic writer, whose errors are one line
@@ -502,7 +502,8 @@ def run_config(optimizer, lr, alpha, rank=None, gap=200, reset=True, svd="full",
     alpha: GaLore's scale (the control's factor on the matrices' lr); proj_start: GaLoreAdamW's proj_start_steps
     (full-rank warmup); other_scale: the unprojected tensors' lr is lr x other_scale; seed: init and batch order;
     accum: micro-batches per step (the batch split, the same tokens); per_layer: GaLore's per-layer updates;
-    clip: the global grad-norm clip (0 = none; per-layer updates cannot clip); residual: GaLoreAdamW(residual=True)."""
+    clip: the global grad-norm clip (0 = none; per-layer updates cannot clip); residual: GaLoreAdamW(residual=True),
+    or 'fira' for FiraAsPublished."""
     g = optimizer == "galore"
     return dict(optimizer=optimizer, lr=lr, rank=rank if g else None, gap=gap if g else None,
                 reset=reset if g else None, svd=svd if g else None, alpha=alpha if optimizer != "adamw" else None,
@@ -517,6 +518,35 @@ def run_key(r, alpha):
     return tuple(run_config(r["optimizer"], r["lr"], r.get("alpha", alpha), **given).values())
 
 
+class FiraAsPublished(GaLoreAdamW):
+    """GaLoreAdamW(residual=True) with the residual as Fira's reference code forms it, to compare the two
+    (bench.py --quality, run_config(residual='fira')): per step
+        W -= lr * (alpha N P + phi (G - alpha R P))     (GaLoreAdamW: W -= lr * alpha * (N P + phi (G - R P)))
+    so S keeps (1 - alpha) of G's part inside the subspace, and the residual is not scaled by alpha: with
+    alpha = 0.25 it steps about 4x GaLoreAdamW's. phi, the 1.01x limiter (on this residual's norm) and the
+    state are GaLoreAdamW's. alpha: the scale of every projected group (bench's runs have one)."""
+
+    def __init__(self, params, alpha, **kwargs):
+        super().__init__(params, **kwargs)
+        self.alpha = alpha
+
+    def residual_step(self, G, R, N, P, last_norm, gamma=1.01):
+        """What _update scales by lr x alpha: (N - phi R) P + (phi / alpha) G, and ||phi (G - alpha R P)||."""
+        a = self.alpha
+        dim = -1 if right_side(G.shape) else -2
+        norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=torch.float32)
+        G2, R2 = norm(G).square(), norm(R).square()
+        phi = norm(N) / (R2.sqrt() + 1e-8)
+        # ||G_i - a R_i P||^2 = ||G_i||^2 - 2a ||R_i||^2 + a^2 ||R_i||^2 (R P is G's orthogonal projection)
+        S_norm = (phi.square() * (G2 - (2 * a - a * a) * R2).clamp_(min=0)).sum((-2, -1), keepdim=True).sqrt_()
+        if last_norm is not None:
+            limiter = (S_norm / (last_norm.view(S_norm.shape) + 1e-8)).clamp_(min=gamma) / gamma
+            phi, S_norm = phi / limiter, S_norm / limiter
+        phi = phi.to(G.dtype)
+        update = GaLoreAdamW.project_back(N - phi * R, P, G.shape).addcmul_(G, phi / a)
+        return update, S_norm.view(S_norm.shape[:-2]).to(G.dtype)
+
+
 def quality_run(data_dir, vocab_size, args, cfg):
     """Train the `cpu` preset for args.steps steps as train.py does (same init seed, same batches from the
     same generator, warmup 10% then cosine to 10%, grad clip 1.0, fp32) and return its val loss curve.
@@ -527,9 +557,10 @@ def quality_run(data_dir, vocab_size, args, cfg):
     other, matrices = galore_param_groups(model, cfg["rank"] or 1, cfg["gap"] or 200, cfg["alpha"] or 1.0,
                                           verbose=False)
     if cfg["optimizer"] == "galore":
-        opt = GaLoreAdamW([{**other, "lr_scale": cfg["other_scale"]}, matrices], lr=cfg["lr"],
-                          proj_start_steps=cfg["proj_start"], reset_on_update=cfg["reset"], svd=cfg["svd"],
-                          residual=cfg["residual"])
+        fira = {"alpha": cfg["alpha"]} if cfg["residual"] == "fira" else {}
+        opt = (FiraAsPublished if fira else GaLoreAdamW)(
+            [{**other, "lr_scale": cfg["other_scale"]}, matrices], lr=cfg["lr"], proj_start_steps=cfg["proj_start"],
+            reset_on_update=cfg["reset"], svd=cfg["svd"], residual=bool(cfg["residual"]), **fira)
         if cfg["per_layer"]:
             attach_per_layer_updates(model, opt, cfg["accum"])
     elif cfg["optimizer"] == "adamw_galore_lrs":
@@ -608,6 +639,8 @@ LONG_RUNS = (
     ("galore", 1e-2, {"residual": True}), ("galore", 1e-2, {"rank": 32, "residual": True}),
     ("galore", 3e-3, {"residual": True}), ("galore", 3e-3, {"rank": 32, "residual": True}),
     ("galore", 3e-2, {"residual": True}), ("galore", 3e-2, {"rank": 32, "residual": True}),
+    # ... and as Fira's reference code forms it (FiraAsPublished), at the lr of Fira's own scripts
+    ("galore", 1e-2, {"residual": "fira"}), ("galore", 1e-2, {"rank": 32, "residual": "fira"}),
 )
 
 

@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bench import LADDER, PLAN_VARIANTS, LaunchCounter, tune
+from bench import LADDER, PLAN_VARIANTS, FiraAsPublished, LaunchCounter, tune
 from data import (DataError, check_fits, check_token_ids, get_batch, get_encoding, iter_windows, load_meta,
                   prepare, wikitext_documents)
 from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
@@ -188,13 +188,18 @@ def test_batched_step_equals_one_matrix_at_a_time(dtype, svd, reset, residual):
 
 
 # --------------------------------------------------------------------------------- Fira's residual
-def test_residual_step_is_fira_norm_scaled_residual_written_out():
+@pytest.mark.parametrize("fira", [False, True])
+def test_residual_step_is_fira_norm_scaled_residual_written_out(fira):
     # W -= lr alpha (P N + phi S): S = G - (R projected back), each row (tall W) or column (wide W) scaled by
     # phi = ||N_row|| / ||R_row||, and ||phi S|| held to at most 1.01 x the last step's. Written out here with S
-    # itself (galore.py never forms it) and an exact SVD at every refresh.
+    # itself (galore.py never forms it) and an exact SVD at every refresh. fira: bench.py's FiraAsPublished,
+    # W -= lr (alpha P N + phi (G - alpha R P)), as Fira's reference code.
     for shape, r in (((24, 16), 4), ((16, 24), 4)):
         W = make_params([shape])[0]
-        opt = GaLoreAdamW([{"params": [W], "rank": r, "update_proj_gap": 3}], lr=1e-2, svd="full", residual=True)
+        group = {"params": [W], "rank": r, "update_proj_gap": 3}
+        opt = (FiraAsPublished([group], alpha=0.25, lr=1e-2, svd="full", residual=True) if fira else
+               GaLoreAdamW([group], lr=1e-2, svd="full", residual=True))
+        a = 0.25 if fira else 1.0  # S = G - a (R projected back); the residual steps at lr x alpha / a
         ref, right, last, limited = W.detach().clone(), shape[0] >= shape[1], None, []
         for t in range(8):
             G = torch.randn(shape, generator=torch.Generator().manual_seed(t)) * (1 + t % 2)  # norms go up and down
@@ -207,11 +212,11 @@ def test_residual_step_is_fira_norm_scaled_residual_written_out():
             N = (M / (1 - 0.9 ** k)) / ((V / (1 - 0.999 ** k)).sqrt() + 1e-8)
             back = lambda X: X @ P if right else P @ X
             dim = 1 if right else 0
-            phi_S = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + 1e-8) * (G - back(R))
+            phi_S = N.norm(dim=dim, keepdim=True) / (R.norm(dim=dim, keepdim=True) + 1e-8) * (G - a * back(R))
             if last is not None and phi_S.norm() > 1.01 * last:
                 phi_S, _ = phi_S * 1.01 * last / phi_S.norm(), limited.append(t)
             last = phi_S.norm()
-            ref -= 1e-2 * 0.25 * (back(N) + phi_S)
+            ref -= 1e-2 * 0.25 * (back(N) + phi_S / a)
             opt.step()
             torch.testing.assert_close(W.detach(), ref, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(opt.state[W]["residual_norm"], last, rtol=1e-4, atol=0)
