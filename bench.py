@@ -782,14 +782,14 @@ def quality_sweep(args, out):
 
 def quality_chart(result, path):
     """Left: val loss curves of the best AdamW, the per-group control and the best GaLore at each rank, with and
-    without the residual. Right: final val loss against optimizer state bytes, every run."""
+    without the residual (ours or Fira's form). Right: final val loss against optimizer state bytes, every run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = result["runs"]
     alpha = result["alpha"]
     label = lambda r: describe(r, alpha)
-    residual = lambda r: bool(r.get("residual"))
+    residual = lambda r: r.get("residual") or False  # False, True or 'fira
     plain = lambda r: run_key(r, alpha) == tuple(run_config(r["optimizer"], r["lr"], alpha, rank=r["rank"],
                                                             residual=residual(r)).values())
     groups = {}  # the runs that differ only by lr, by optimizer, rank and residual
@@ -801,17 +801,17 @@ def quality_chart(result, path):
     for rs in groups.values():
         b = min(rs, key=lambda r: r["final_val_loss"])
         ax1.plot(*zip(*b["curve"]), label=label(b) + f": {b['final_val_loss']:.3f}")
-    ax1.set(xlabel="step", ylabel="val loss (nats per byte)", title=f"best lr of each optimizer / rank, "
+    ax1.set(xlabel="step", ylabel="val loss (nats per byte)", title=f"best lr of each optimizer / rank,\n"
             f"{result['tokens']:,} tokens", ylim=(None, min(3.0, max(b["curve"][1][1] for rs in groups.values()
                                                                        for b in rs if len(b["curve"]) > 1))))
     ax1.legend(fontsize=8)
     for r in runs:
         if math.isfinite(r["final_val_loss"]):
-            color = "C0" if r["optimizer"] != "galore" else "C2" if residual(r) else "C1"
+            color = "C0" if r["optimizer"] != "galore" else {False: "C1", True: "C2", "fira": "C3"}[residual(r)]
             ax2.scatter(r["state_bytes"] / 1e6, r["final_val_loss"], color=color)
             ax2.annotate(label(r), (r["state_bytes"] / 1e6, r["final_val_loss"]), fontsize=6)
     ax2.set(xlabel="optimizer state (MB)", ylabel="final val loss, whole split",
-            title="quality vs optimizer memory (blue AdamW, orange GaLore, green + residual)")
+            title="quality vs optimizer memory\nblue AdamW, orange GaLore, green + residual, red + Fira's form")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
