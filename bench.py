@@ -519,12 +519,13 @@ def run_key(r, alpha):
 
 
 class FiraAsPublished(GaLoreAdamW):
-    """GaLoreAdamW(residual=True) with the residual as Fira's reference code forms it, to compare the two
-    (bench.py --quality, run_config(residual='fira')): per step
+    """GaLoreAdamW(residual=True) with the update of Fira's reference code, to compare the two (bench.py
+    --quality, run_config(residual='fira')): per step
         W -= lr * (alpha N P + phi (G - alpha R P))     (GaLoreAdamW: W -= lr * alpha * (N P + phi (G - R P)))
-    so S keeps (1 - alpha) of G's part inside the subspace, and the residual is not scaled by alpha: with
-    alpha = 0.25 it steps about 4x GaLoreAdamW's. phi, the 1.01x limiter (on this residual's norm) and the
-    state are GaLoreAdamW's. alpha: the scale of every projected group (bench's runs have one)."""
+    so its "residual" keeps (1 - alpha) of G's part inside the subspace, and it is not scaled by alpha: outside
+    the subspace it steps 1 / alpha = 4x GaLoreAdamW's. phi and the 1.01x limiter (on this residual's norm) come
+    from the bias-corrected N, as in GaLoreAdamW (Fira's code corrects after the limiter: galore.py's NOTES).
+    alpha: the scale of every projected group (bench's runs have one)."""
 
     def __init__(self, params, alpha, **kwargs):
         super().__init__(params, **kwargs)
@@ -534,7 +535,8 @@ class FiraAsPublished(GaLoreAdamW):
         """What _update scales by lr x alpha: (N - phi R) P + (phi / alpha) G, and ||phi (G - alpha R P)||."""
         a = self.alpha
         dim = -1 if right_side(G.shape) else -2
-        norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=torch.float32)
+        acc = torch.promote_types(G.dtype, torch.float32)
+        norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=acc)
         G2, R2 = norm(G).square(), norm(R).square()
         phi = norm(N) / (R2.sqrt() + 1e-8)
         # ||G_i - a R_i P||^2 = ||G_i||^2 - 2a ||R_i||^2 + a^2 ||R_i||^2 (R P is G's orthogonal projection)

@@ -279,20 +279,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # -- Fira's residual (residual=True; beyond the paper) ---------------------------------------------------------
     # GaLore steps W only inside P's subspace; the rest of the gradient, S = G - (R projected back), is dropped at
     # every step. Fira (Chen et al. 2024, arXiv 2410.01623) adds it, scaled to the size of an Adam step without
-    # keeping Adam's moments for it. For the right side (rows; the left side takes columns instead):
-    #     phi_i  = ||N_i|| / ||R_i||              (m x 1)   row i's Adam step per unit of its gradient in r-space
+    # keeping Adam's moments for it. For the right side, with X_i for row i of X (the left side is the same with
+    # columns: phi (1 x n) scales the columns of S, and the update is P N + S phi):
+    #     phi_i  = ||N_i|| / (||R_i|| + 1e-8)     (m x 1)   row i's Adam step per unit of its gradient in r-space
     #     S      = G - R P                        (m x n)   the part of G outside the subspace
-    #     W      = W - lr * alpha * (N P + phi * S)         phi scales each row of S
-    # and a norm-growth limiter: if ||phi * S|| > gamma x last step's (gamma = 1.01), phi shrinks to make it
-    # gamma x. State added: that norm, one number per matrix. Computed without S itself:
-    # N P + phi S = (N - phi R) P + phi G, and ||phi S||^2 = sum_i phi_i^2 (||G_i||^2 - ||R_i||^2), since R P is
-    # G's orthogonal projection. Where it differs from Fira's code, see NOTES.
+    #     W      = W - lr * alpha * (N P + phi S)           phi S: row i of S times phi_i
+    # and a norm-growth limiter: if ||phi S|| > gamma x last step's (gamma = 1.01), phi shrinks to make it gamma x
+    # (the last norm is kept across refreshes, as Fira's code keeps it). State added: that norm, one number per
+    # matrix. Computed without S itself: N P + phi S = (N - phi R) P + phi G, and ||phi S||^2 =
+    # sum_i phi_i^2 (||G_i||^2 - ||R_i||^2), since R_i P = G_i P^T P is G_i's projection onto P's rows (P P^T = I).
+    # Where it differs from Fira's code, see NOTES.
     @staticmethod
     def residual_step(G, R, N, P, last_norm, gamma=1.01):
         """(N P + phi S, ||phi S||) for one matrix, or a stack (L, ...) with last_norm (L,). last_norm: None at
-        the first projected step (no limit then)."""
+        the first projected step (no limit then; later refreshes keep it)."""
         dim = -1 if right_side(G.shape) else -2  # one phi per row of R (m, r), or per column of R (r, n)
-        norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=torch.float32)
+        acc = torch.promote_types(G.dtype, torch.float32)  # norms in fp32 at least (bf16 G), fp64 for fp64 G
+        norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=acc)
         G2, R2 = norm(G).square(), norm(R).square()  # (m, 1) or (1, n)
         phi = norm(N) / (R2.sqrt() + 1e-8)           # (m, 1) or (1, n)
         S_norm = (phi.square() * (G2 - R2).clamp_(min=0)).sum((-2, -1), keepdim=True).sqrt_()  # ||phi S||, (1, 1)
@@ -615,10 +618,12 @@ def optimizer_state_bytes(optimizer):
 #   * one side rule (right_side), the paper's 'std', instead of proj_type strings. The other side would store
 #     fewer numbers (r max + 2 r min) with the same gradient energy, but Adam would normalize other coordinates;
 #     unmeasured, so not offered.
-# Fira's residual (residual=True) differs from Fira's reference code in two ways: S is the exact residual
-# G - R P (Fira subtracts alpha R P, which leaves (1 - alpha) of the in-subspace part in S), and the whole
-# update, residual included, is scaled by alpha (Fira scales only P N): every part of a projected matrix then
-# steps at lr x alpha, as in the full-rank warmup. Weight decay comes first here, as everywhere in this file.
+# Fira's residual (residual=True) differs from Fira's reference code in three ways: S is the exact residual
+# G - R P (Fira subtracts alpha R P, which leaves (1 - alpha) of the in-subspace part in S); the whole update,
+# residual included, is scaled by alpha (Fira scales only P N): every part of a projected matrix then steps at
+# lr x alpha, as in the full-rank warmup; and phi and the limiter use the bias-corrected N (Fira's code corrects
+# after the limiter, which, with the moments reset at each refresh, would hold the residual down for a few dozen
+# steps after every refresh). Weight decay comes first here, as everywhere in this file.
 # Measured figures (this project's docs/quality.md and docs/speed.md, bench.py):
 #   * per-layer accumulation at 4 micro-batches ends 0.27% (exact SVD 0.24%) above the standard path; P from G_1
 #     alone, with no sketch, cost 1.5%; zeroing the moments at P_next instead of projecting them, 0.7%.

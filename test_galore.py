@@ -188,21 +188,21 @@ def test_batched_step_equals_one_matrix_at_a_time(dtype, svd, reset, residual):
 
 
 # --------------------------------------------------------------------------------- Fira's residual
-@pytest.mark.parametrize("fira", [False, True])
-def test_residual_step_is_fira_norm_scaled_residual_written_out(fira):
+@pytest.mark.parametrize("fira, dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float64)])
+def test_residual_step_is_fira_norm_scaled_residual_written_out(fira, dtype):
     # W -= lr alpha (P N + phi S): S = G - (R projected back), each row (tall W) or column (wide W) scaled by
     # phi = ||N_row|| / ||R_row||, and ||phi S|| held to at most 1.01 x the last step's. Written out here with S
     # itself (galore.py never forms it) and an exact SVD at every refresh. fira: bench.py's FiraAsPublished,
     # W -= lr (alpha P N + phi (G - alpha R P)), as Fira's reference code.
     for shape, r in (((24, 16), 4), ((16, 24), 4)):
-        W = make_params([shape])[0]
+        W = nn.Parameter(make_params([shape])[0].detach().to(dtype))
         group = {"params": [W], "rank": r, "update_proj_gap": 3}
         opt = (FiraAsPublished([group], alpha=0.25, lr=1e-2, svd="full", residual=True) if fira else
                GaLoreAdamW([group], lr=1e-2, svd="full", residual=True))
         a = 0.25 if fira else 1.0  # S = G - a (R projected back); the residual steps at lr x alpha / a
         ref, right, last, limited = W.detach().clone(), shape[0] >= shape[1], None, []
         for t in range(8):
-            G = torch.randn(shape, generator=torch.Generator().manual_seed(t)) * (1 + t % 2)  # norms go up and down
+            G = torch.randn(shape, generator=torch.Generator().manual_seed(t)).to(dtype) * (1 + t % 2)  # up, down
             W.grad = G.clone()
             if t % 3 == 0:  # refresh and reset
                 U, _, Vh = torch.linalg.svd(G)
