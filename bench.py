@@ -535,7 +535,7 @@ class FiraAsPublished(GaLoreAdamW):
         """What _update scales by lr x alpha: (N - phi R) P + (phi / alpha) G, and ||phi (G - alpha R P)||."""
         a = self.alpha
         dim = -1 if right_side(G.shape) else -2
-        acc = torch.promote_types(G.dtype, torch.float32)
+        acc = torch.float64 if G.dtype == torch.float64 else torch.float32
         norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=acc)
         G2, R2 = norm(G).square(), norm(R).square()
         phi = norm(N) / (R2.sqrt() + 1e-8)

@@ -294,7 +294,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """(N P + phi S, ||phi S||) for one matrix, or a stack (L, ...) with last_norm (L,). last_norm: None at
         the first projected step (no limit then; later refreshes keep it)."""
         dim = -1 if right_side(G.shape) else -2  # one phi per row of R (m, r), or per column of R (r, n)
-        acc = torch.promote_types(G.dtype, torch.float32)  # norms in fp32 at least (bf16 G), fp64 for fp64 G
+        acc = torch.float64 if G.dtype == torch.float64 else torch.float32  # norms in fp32 (bf16 G too) or fp64
         norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=acc)
         G2, R2 = norm(G).square(), norm(R).square()  # (m, 1) or (1, n)
         phi = norm(N) / (R2.sqrt() + 1e-8)           # (m, 1) or (1, n)
