@@ -525,11 +525,14 @@ class FiraAsPublished(GaLoreAdamW):
     so its "residual" keeps (1 - alpha) of G's part inside the subspace, and it is not scaled by alpha: outside
     the subspace it steps 1 / alpha = 4x GaLoreAdamW's. phi and the 1.01x limiter (on this residual's norm) come
     from the bias-corrected N, as in GaLoreAdamW (Fira's code corrects after the limiter: galore.py's NOTES).
-    alpha: the scale of every projected group (bench's runs have one)."""
+    alpha is the projected groups' scale, which must be one value (bench's runs have one)."""
 
-    def __init__(self, params, alpha, **kwargs):
+    def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
-        self.alpha = alpha
+        scales = {g["scale"] for g in self.param_groups if "rank" in g}
+        if len(scales) != 1:
+            raise ValueError(f"FiraAsPublished needs one scale over the projected groups, got {sorted(scales)}")
+        self.alpha = scales.pop()
 
     def residual_step(self, G, R, N, P, last_norm, gamma=1.01):
         """What _update scales by lr x alpha: (N - phi R) P + (phi / alpha) G, and ||phi (G - alpha R P)||."""
@@ -539,7 +542,7 @@ class FiraAsPublished(GaLoreAdamW):
         norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=acc)
         G2, R2 = norm(G).square(), norm(R).square()
         phi = norm(N) / (R2.sqrt() + 1e-8)
-        # ||G_i - a R_i P||^2 = ||G_i||^2 - 2a ||R_i||^2 + a^2 ||R_i||^2 (R P is G's orthogonal projection)
+        # ||G_i - a R_i P||^2 = ||G_i||^2 - 2a ||R_i||^2 + a^2 ||R_i||^2, since G_i P^T = R_i and P P^T = I
         S_norm = (phi.square() * (G2 - (2 * a - a * a) * R2).clamp_(min=0)).sum((-2, -1), keepdim=True).sqrt_()
         if last_norm is not None:
             limiter = (S_norm / (last_norm.view(S_norm.shape) + 1e-8)).clamp_(min=gamma) / gamma
@@ -559,10 +562,10 @@ def quality_run(data_dir, vocab_size, args, cfg):
     other, matrices = galore_param_groups(model, cfg["rank"] or 1, cfg["gap"] or 200, cfg["alpha"] or 1.0,
                                           verbose=False)
     if cfg["optimizer"] == "galore":
-        fira = {"alpha": cfg["alpha"]} if cfg["residual"] == "fira" else {}
-        opt = (FiraAsPublished if fira else GaLoreAdamW)(
-            [{**other, "lr_scale": cfg["other_scale"]}, matrices], lr=cfg["lr"], proj_start_steps=cfg["proj_start"],
-            reset_on_update=cfg["reset"], svd=cfg["svd"], residual=bool(cfg["residual"]), **fira)
+        optimizer = FiraAsPublished if cfg["residual"] == "fira" else GaLoreAdamW
+        opt = optimizer([{**other, "lr_scale": cfg["other_scale"]}, matrices], lr=cfg["lr"],
+                        proj_start_steps=cfg["proj_start"], reset_on_update=cfg["reset"], svd=cfg["svd"],
+                        residual=bool(cfg["residual"]))
         if cfg["per_layer"]:
             attach_per_layer_updates(model, opt, cfg["accum"])
     elif cfg["optimizer"] == "adamw_galore_lrs":
@@ -791,7 +794,7 @@ def quality_chart(result, path):
     runs = result["runs"]
     alpha = result["alpha"]
     label = lambda r: describe(r, alpha)
-    residual = lambda r: r.get("residual") or False  # False, True or 'fira
+    residual = lambda r: r.get("residual") or False  # False, True or 'fira'
     plain = lambda r: run_key(r, alpha) == tuple(run_config(r["optimizer"], r["lr"], alpha, rank=r["rank"],
                                                             residual=residual(r)).values())
     groups = {}  # the runs that differ only by lr, by optimizer, rank and residual

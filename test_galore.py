@@ -197,7 +197,7 @@ def test_residual_step_is_fira_norm_scaled_residual_written_out(fira, dtype):
     for shape, r in (((24, 16), 4), ((16, 24), 4)):
         W = nn.Parameter(make_params([shape])[0].detach().to(dtype))
         group = {"params": [W], "rank": r, "update_proj_gap": 3}
-        opt = (FiraAsPublished([group], alpha=0.25, lr=1e-2, svd="full", residual=True) if fira else
+        opt = (FiraAsPublished([group], lr=1e-2, svd="full", residual=True) if fira else
                GaLoreAdamW([group], lr=1e-2, svd="full", residual=True))
         a = 0.25 if fira else 1.0  # S = G - a (R projected back); the residual steps at lr x alpha / a
         ref, right, last, limited = W.detach().clone(), shape[0] >= shape[1], None, []
