@@ -503,7 +503,7 @@ def run_config(optimizer, lr, alpha, rank=None, gap=200, reset=True, svd="full",
     (full-rank warmup); other_scale: the unprojected tensors' lr is lr x other_scale; seed: init and batch order;
     accum: micro-batches per step (the batch split, the same tokens); per_layer: GaLore's per-layer updates;
     clip: the global grad-norm clip (0 = none; per-layer updates cannot clip); residual: GaLoreAdamW(residual=True),
-    or 'fira' for FiraAsPublished."""
+    'fira' for FiraAsPublished, 'unscaled' for UnscaledResidual."""
     g = optimizer == "galore"
     return dict(optimizer=optimizer, lr=lr, rank=rank if g else None, gap=gap if g else None,
                 reset=reset if g else None, svd=svd if g else None, alpha=alpha if optimizer != "adamw" else None,
@@ -521,35 +521,44 @@ def run_key(r, alpha):
 class FiraAsPublished(GaLoreAdamW):
     """GaLoreAdamW(residual=True) with the update of Fira's reference code, to compare the two (bench.py
     --quality, run_config(residual='fira')): per step
-        W -= lr * (alpha N P + phi (G - alpha R P))     (GaLoreAdamW: W -= lr * alpha * (N P + phi (G - R P)))
+        W -= lr * (alpha N P + phi (G - c R P)),  c = alpha  (GaLoreAdamW: W -= lr * alpha * (N P + phi (G - R P)))
     so its "residual" keeps (1 - alpha) of G's part inside the subspace, and it is not scaled by alpha: outside
     the subspace it steps 1 / alpha = 4x GaLoreAdamW's. phi and the 1.01x limiter (on this residual's norm) come
     from the bias-corrected N, as in GaLoreAdamW (Fira's code corrects after the limiter: galore.py's NOTES).
     alpha is the projected groups' scale, which must be one value (bench's runs have one)."""
+    exact_residual = False  # c = alpha (Fira's code); True: c = 1, S = G - R P exactly (UnscaledResidual)
 
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
         scales = {g["scale"] for g in self.param_groups if "rank" in g}
         if len(scales) != 1:
-            raise ValueError(f"FiraAsPublished needs one scale over the projected groups, got {sorted(scales)}")
+            raise ValueError(f"{type(self).__name__} needs one scale over the projected groups, got {sorted(scales)}")
         self.alpha = scales.pop()
 
     def residual_step(self, G, R, N, P, last_norm, gamma=1.01):
-        """What _update scales by lr x alpha: (N - phi R) P + (phi / alpha) G, and ||phi (G - alpha R P)||."""
+        """What _update scales by lr x alpha: (N - (c phi / alpha) R) P + (phi / alpha) G, and ||phi (G - c R P)||."""
         a = self.alpha
+        c = 1.0 if self.exact_residual else a
         dim = -1 if right_side(G.shape) else -2
         acc = torch.float64 if G.dtype == torch.float64 else torch.float32
         norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=acc)
         G2, R2 = norm(G).square(), norm(R).square()
         phi = norm(N) / (R2.sqrt() + 1e-8)
-        # ||G_i - a R_i P||^2 = ||G_i||^2 - 2a ||R_i||^2 + a^2 ||R_i||^2, since G_i P^T = R_i and P P^T = I
-        S_norm = (phi.square() * (G2 - (2 * a - a * a) * R2).clamp_(min=0)).sum((-2, -1), keepdim=True).sqrt_()
+        # ||G_i - c R_i P||^2 = ||G_i||^2 - 2c ||R_i||^2 + c^2 ||R_i||^2, since G_i P^T = R_i and P P^T = I
+        S_norm = (phi.square() * (G2 - (2 * c - c * c) * R2).clamp_(min=0)).sum((-2, -1), keepdim=True).sqrt_()
         if last_norm is not None:
             limiter = (S_norm / (last_norm.view(S_norm.shape) + 1e-8)).clamp_(min=gamma) / gamma
             phi, S_norm = phi / limiter, S_norm / limiter
         phi = phi.to(G.dtype)
-        update = GaLoreAdamW.project_back(N - phi * R, P, G.shape).addcmul_(G, phi / a)
+        update = GaLoreAdamW.project_back(N - (c / a) * phi * R, P, G.shape).addcmul_(G, phi / a)
         return update, S_norm.view(S_norm.shape[:-2]).to(G.dtype)
+
+
+class UnscaledResidual(FiraAsPublished):
+    """Between GaLoreAdamW(residual=True) and FiraAsPublished, to tell which of Fira's two differences matters
+    (run_config(residual='unscaled')): the exact residual S = G - R P, as GaLoreAdamW's, but not scaled by alpha,
+    as Fira's:  W -= lr * (alpha N P + phi S)."""
+    exact_residual = True
 
 
 def quality_run(data_dir, vocab_size, args, cfg):
@@ -562,7 +571,7 @@ def quality_run(data_dir, vocab_size, args, cfg):
     other, matrices = galore_param_groups(model, cfg["rank"] or 1, cfg["gap"] or 200, cfg["alpha"] or 1.0,
                                           verbose=False)
     if cfg["optimizer"] == "galore":
-        optimizer = FiraAsPublished if cfg["residual"] == "fira" else GaLoreAdamW
+        optimizer = {"fira": FiraAsPublished, "unscaled": UnscaledResidual}.get(cfg["residual"], GaLoreAdamW)
         opt = optimizer([{**other, "lr_scale": cfg["other_scale"]}, matrices], lr=cfg["lr"],
                         proj_start_steps=cfg["proj_start"], reset_on_update=cfg["reset"], svd=cfg["svd"],
                         residual=bool(cfg["residual"]))
@@ -646,6 +655,9 @@ LONG_RUNS = (
     ("galore", 3e-2, {"residual": True}), ("galore", 3e-2, {"rank": 32, "residual": True}),
     # ... and as Fira's reference code forms it (FiraAsPublished), at the lr of Fira's own scripts
     ("galore", 1e-2, {"residual": "fira"}), ("galore", 1e-2, {"rank": 32, "residual": "fira"}),
+    # ... and which of its two differences from ours matters: the exact S not scaled by alpha; Fira's lr bracketed
+    ("galore", 1e-2, {"residual": "unscaled"}), ("galore", 1e-2, {"rank": 32, "residual": "unscaled"}),
+    ("galore", 3e-3, {"residual": "unscaled"}), ("galore", 3e-3, {"residual": "fira"}),
 )
 
 
@@ -794,7 +806,7 @@ def quality_chart(result, path):
     runs = result["runs"]
     alpha = result["alpha"]
     label = lambda r: describe(r, alpha)
-    residual = lambda r: r.get("residual") or False  # False, True or 'fira'
+    residual = lambda r: r.get("residual") or False  # False, True, 'fira' or 'unscaled'
     plain = lambda r: run_key(r, alpha) == tuple(run_config(r["optimizer"], r["lr"], alpha, rank=r["rank"],
                                                             residual=residual(r)).values())
     groups = {}  # the runs that differ only by lr, by optimizer, rank and residual
@@ -812,7 +824,8 @@ def quality_chart(result, path):
     ax1.legend(fontsize=8)
     for r in runs:
         if math.isfinite(r["final_val_loss"]):
-            color = "C0" if r["optimizer"] != "galore" else {False: "C1", True: "C2", "fira": "C3"}[residual(r)]
+            colors = {False: "C1", True: "C2", "fira": "C3", "unscaled": "C4"}  # GaLore: plain, residuals
+            color = "C0" if r["optimizer"] != "galore" else colors[residual(r)]
             ax2.scatter(r["state_bytes"] / 1e6, r["final_val_loss"], color=color)
             ax2.annotate(label(r), (r["state_bytes"] / 1e6, r["final_val_loss"]), fontsize=6)
     ax2.set(xlabel="optimizer state (MB)", ylabel="final val loss, whole split",
