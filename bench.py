@@ -503,7 +503,7 @@ def run_config(optimizer, lr, alpha, rank=None, gap=200, reset=True, svd="full",
     (full-rank warmup); other_scale: the unprojected tensors' lr is lr x other_scale; seed: init and batch order;
     accum: micro-batches per step (the batch split, the same tokens); per_layer: GaLore's per-layer updates;
     clip: the global grad-norm clip (0 = none; per-layer updates cannot clip); residual: GaLoreAdamW(residual=True),
-    'fira' for FiraAsPublished, 'unscaled' for UnscaledResidual."""
+    'fira' for FiraAsPublished, 'scaled' for ScaledResidual."""
     g = optimizer == "galore"
     return dict(optimizer=optimizer, lr=lr, rank=rank if g else None, gap=gap if g else None,
                 reset=reset if g else None, svd=svd if g else None, alpha=alpha if optimizer != "adamw" else None,
@@ -521,24 +521,18 @@ def run_key(r, alpha):
 class FiraAsPublished(GaLoreAdamW):
     """GaLoreAdamW(residual=True) with the update of Fira's reference code, to compare the two (bench.py
     --quality, run_config(residual='fira')): per step
-        W -= lr * (alpha N P + phi (G - c R P)),  c = alpha  (GaLoreAdamW: W -= lr * alpha * (N P + phi (G - R P)))
-    so its "residual" keeps (1 - alpha) of G's part inside the subspace, and it is not scaled by alpha: outside
-    the subspace it steps 1 / alpha = 4x GaLoreAdamW's. phi and the 1.01x limiter (on this residual's norm) come
-    from the bias-corrected N, as in GaLoreAdamW (Fira's code corrects after the limiter: galore.py's NOTES).
-    alpha is the projected groups' scale, which must be one value (bench's runs have one)."""
-    exact_residual = False  # c = alpha (Fira's code); True: c = 1, S = G - R P exactly (UnscaledResidual)
+        W -= lr * (alpha N P + phi (G - alpha R P))      (GaLoreAdamW: W -= lr * (alpha N P + phi (G - R P)))
+    so its "residual" keeps (1 - alpha) of G's part inside the subspace. phi and the 1.01x limiter (on this
+    residual's norm) come from the bias-corrected N, as in GaLoreAdamW (Fira's code corrects after the limiter:
+    galore.py's NOTES). ScaledResidual below is the other way to differ from GaLoreAdamW."""
+    keep_inside = True      # S = G - alpha R P (Fira's code), not the exact G - R P
+    scale_residual = False  # True: the residual steps at lr x alpha, as P N does (ScaledResidual)
 
-    def __init__(self, params, **kwargs):
-        super().__init__(params, **kwargs)
-        scales = {g["scale"] for g in self.param_groups if "rank" in g}
-        if len(scales) != 1:
-            raise ValueError(f"{type(self).__name__} needs one scale over the projected groups, got {sorted(scales)}")
-        self.alpha = scales.pop()
-
-    def residual_step(self, G, R, N, P, last_norm, gamma=1.01):
-        """What _update scales by lr x alpha: (N - (c phi / alpha) R) P + (phi / alpha) G, and ||phi (G - c R P)||."""
-        a = self.alpha
-        c = 1.0 if self.exact_residual else a
+    def residual_step(self, G, R, N, P, alpha, last_norm, gamma=1.01):
+        """With c = alpha (keep_inside) or 1 and s = alpha (scale_residual) or 1, what _update steps by
+        lr x alpha: (N - (s c phi / alpha) R) P + (s phi / alpha) G; and ||phi (G - c R P)|| for the limiter."""
+        c = alpha if self.keep_inside else 1.0
+        s = alpha if self.scale_residual else 1.0
         dim = -1 if right_side(G.shape) else -2
         acc = torch.float64 if G.dtype == torch.float64 else torch.float32
         norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=acc)
@@ -549,16 +543,17 @@ class FiraAsPublished(GaLoreAdamW):
         if last_norm is not None:
             limiter = (S_norm / (last_norm.view(S_norm.shape) + 1e-8)).clamp_(min=gamma) / gamma
             phi, S_norm = phi / limiter, S_norm / limiter
-        phi = phi.to(G.dtype)
-        update = GaLoreAdamW.project_back(N - (c / a) * phi * R, P, G.shape).addcmul_(G, phi / a)
+        phi = (s * phi / alpha).to(G.dtype)
+        update = GaLoreAdamW.project_back(N - c * phi * R, P, G.shape).addcmul_(G, phi)
         return update, S_norm.view(S_norm.shape[:-2]).to(G.dtype)
 
 
-class UnscaledResidual(FiraAsPublished):
-    """Between GaLoreAdamW(residual=True) and FiraAsPublished, to tell which of Fira's two differences matters
-    (run_config(residual='unscaled')): the exact residual S = G - R P, as GaLoreAdamW's, but not scaled by alpha,
-    as Fira's:  W -= lr * (alpha N P + phi S)."""
-    exact_residual = True
+class ScaledResidual(FiraAsPublished):
+    """The exact residual S = G - R P, as GaLoreAdamW's, but stepped at lr x alpha like P N:
+    W -= lr * alpha * (N P + phi S) (run_config(residual='scaled')). galore.py shipped this form first; the long
+    runs put it behind (docs/quality.md), and it stays here to compare."""
+    keep_inside = False
+    scale_residual = True
 
 
 def quality_run(data_dir, vocab_size, args, cfg):
@@ -571,7 +566,7 @@ def quality_run(data_dir, vocab_size, args, cfg):
     other, matrices = galore_param_groups(model, cfg["rank"] or 1, cfg["gap"] or 200, cfg["alpha"] or 1.0,
                                           verbose=False)
     if cfg["optimizer"] == "galore":
-        optimizer = {"fira": FiraAsPublished, "unscaled": UnscaledResidual}.get(cfg["residual"], GaLoreAdamW)
+        optimizer = {"fira": FiraAsPublished, "scaled": ScaledResidual}.get(cfg["residual"], GaLoreAdamW)
         opt = optimizer([{**other, "lr_scale": cfg["other_scale"]}, matrices], lr=cfg["lr"],
                         proj_start_steps=cfg["proj_start"], reset_on_update=cfg["reset"], svd=cfg["svd"],
                         residual=bool(cfg["residual"]))
@@ -649,15 +644,19 @@ LONG_RUNS = (
     ("galore", 1e-2, {"gap": 500}), ("galore", 1e-2, {"proj_start": 400}),
     ("adamw_galore_lrs", 3e-3, {"seed": 1}),  # the baseline's own seed noise
     ("galore", 1e-2, {"rank": 96}),
-    # GaLore + the residual (Fira's norm-scaled residual, issue 37) at ranks width/4 and width/8, lrs bracketed
-    ("galore", 1e-2, {"residual": True}), ("galore", 1e-2, {"rank": 32, "residual": True}),
-    ("galore", 3e-3, {"residual": True}), ("galore", 3e-3, {"rank": 32, "residual": True}),
-    ("galore", 3e-2, {"residual": True}), ("galore", 3e-2, {"rank": 32, "residual": True}),
-    # ... and as Fira's reference code forms it (FiraAsPublished), at the lr of Fira's own scripts
+    # GaLore + the residual (Fira's norm-scaled residual, issue 37) at ranks width/4 and width/8: first as
+    # ScaledResidual (galore.py's first form: the residual at lr x alpha), lrs bracketed
+    ("galore", 1e-2, {"residual": "scaled"}), ("galore", 1e-2, {"rank": 32, "residual": "scaled"}),
+    ("galore", 3e-3, {"residual": "scaled"}), ("galore", 3e-3, {"rank": 32, "residual": "scaled"}),
+    ("galore", 3e-2, {"residual": "scaled"}), ("galore", 3e-2, {"rank": 32, "residual": "scaled"}),
+    # ... as Fira's reference code forms it (FiraAsPublished), at the lr of Fira's own scripts
     ("galore", 1e-2, {"residual": "fira"}), ("galore", 1e-2, {"rank": 32, "residual": "fira"}),
-    # ... and which of its two differences from ours matters: the exact S not scaled by alpha; Fira's lr bracketed
-    ("galore", 1e-2, {"residual": "unscaled"}), ("galore", 1e-2, {"rank": 32, "residual": "unscaled"}),
-    ("galore", 3e-3, {"residual": "unscaled"}), ("galore", 3e-3, {"residual": "fira"}),
+    # ... and as galore.py's residual=True forms it (the exact S, at lr: not lr x alpha)
+    ("galore", 1e-2, {"residual": True}), ("galore", 1e-2, {"rank": 32, "residual": True}),
+    ("galore", 3e-3, {"residual": True}),
+    # not yet run: the brackets still open (rank 64 best at 3e-3, rank 32 run at 1e-2 only; Fira's at 1e-2 only)
+    ("galore", 1e-3, {"residual": True}), ("galore", 3e-3, {"rank": 32, "residual": True}),
+    ("galore", 3e-2, {"rank": 32, "residual": True}), ("galore", 3e-3, {"residual": "fira"}),
 )
 
 
@@ -799,14 +798,14 @@ def quality_sweep(args, out):
 
 def quality_chart(result, path):
     """Left: val loss curves of the best AdamW, the per-group control and the best GaLore at each rank, with and
-    without the residual (ours or Fira's form). Right: final val loss against optimizer state bytes, every run."""
+    without the residual (in any of its forms). Right: final val loss against optimizer state bytes, every run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = result["runs"]
     alpha = result["alpha"]
     label = lambda r: describe(r, alpha)
-    residual = lambda r: r.get("residual") or False  # False, True, 'fira' or 'unscaled'
+    residual = lambda r: r.get("residual") or False  # False, True, 'fira' or 'scaled'
     plain = lambda r: run_key(r, alpha) == tuple(run_config(r["optimizer"], r["lr"], alpha, rank=r["rank"],
                                                             residual=residual(r)).values())
     groups = {}  # the runs that differ only by lr, by optimizer, rank and residual
@@ -824,12 +823,13 @@ def quality_chart(result, path):
     ax1.legend(fontsize=8)
     for r in runs:
         if math.isfinite(r["final_val_loss"]):
-            colors = {False: "C1", True: "C2", "fira": "C3", "unscaled": "C4"}  # GaLore: plain, residuals
+            colors = {False: "C1", True: "C2", "fira": "C3", "scaled": "C4"}  # GaLore: plain, residuals
             color = "C0" if r["optimizer"] != "galore" else colors[residual(r)]
             ax2.scatter(r["state_bytes"] / 1e6, r["final_val_loss"], color=color)
             ax2.annotate(label(r), (r["state_bytes"] / 1e6, r["final_val_loss"]), fontsize=6)
     ax2.set(xlabel="optimizer state (MB)", ylabel="final val loss, whole split",
-            title="quality vs optimizer memory\nblue AdamW, orange GaLore, green + residual, red + Fira's form")
+            title="quality vs optimizer memory\nblue AdamW, orange GaLore, green + residual, red + Fira's form,\n"
+                  "purple + residual at lr x alpha (ScaledResidual)")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)

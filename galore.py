@@ -68,7 +68,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     Schedule, one counter s for every matrix (s0 = proj_start_steps):
       * s < s0: full-rank warmup: every parameter takes AdamW steps with full-size moments, a matrix its group will
-        project at lr x alpha (the step size it keeps after the switch), everything else at lr;
+        project at lr x alpha (the step size it keeps after the switch; residual=True's part outside the subspace
+        steps at lr), everything else at lr;
       * s = s0: the switch: every projected matrix gets its first P (a matrix with no gradient then, at its first);
       * s = s0 + j T, j = 1, 2, ...: every projected matrix that has a gradient gets a new P.
 
@@ -231,8 +232,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             p.mul_(1 - lr * wd)                                # decoupled weight decay on the whole W
         if projected:
             N = M / denom / bias_correction1                   # Alg. 1: N_t = M_t / (sqrt(V_t) + eps), R's shape
-            if group["residual"]:  # P N plus the scaled rest of G (EXTRAS: Fira's residual)
-                update, state["residual_norm"] = self.residual_step(p.grad, R, N, state["P"],
+            if group["residual"]:  # N P + (phi / alpha) S: the rest of G, at lr once scaled below (EXTRAS)
+                update, state["residual_norm"] = self.residual_step(p.grad, R, N, state["P"], alpha,
                                                                     state.get("residual_norm"))
             else:
                 update = self.project_back(N, state["P"], p.shape)  # (m, n)  Alg. 1: G~_t = alpha P_t N_t
@@ -280,19 +281,23 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # GaLore steps W only inside P's subspace; the rest of the gradient, S = G - (R projected back), is dropped at
     # every step. Fira (Chen et al. 2024, arXiv 2410.01623) adds it, scaled to the size of an Adam step without
     # keeping Adam's moments for it. For the right side, with X_i for row i of X (the left side is the same with
-    # columns: phi (1 x n) scales the columns of S, and the update is P N + S phi):
-    #     phi_i  = ||N_i|| / (||R_i|| + 1e-8)     (m x 1)   row i's Adam step per unit of its gradient in r-space
+    # columns: phi (1 x n) scales the columns of S: W -= lr (alpha P N + S diag(phi))):
+    #     phi_i  = ||N_i|| / (||R_i|| + 1e-8)     phi (m x 1): row i's Adam step per unit of its gradient in r-space
     #     S      = G - R P                        (m x n)   the part of G outside the subspace
-    #     W      = W - lr * alpha * (N P + phi S)           phi S: row i of S times phi_i
+    #     W      = W - lr * (alpha N P + phi S)             phi S: row i of S times phi_i
     # and a norm-growth limiter: if ||phi S|| > gamma x last step's (gamma = 1.01), phi shrinks to make it gamma x
     # (the last norm is kept across refreshes, as Fira's code keeps it). State added: that norm, one number per
-    # matrix. Computed without S itself: N P + phi S = (N - phi R) P + phi G, and ||phi S||^2 =
-    # sum_i phi_i^2 (||G_i||^2 - ||R_i||^2), since R_i P = G_i P^T P is G_i's projection onto P's rows (P P^T = I).
-    # Where it differs from Fira's code, see NOTES.
+    # matrix. The residual is not scaled by alpha, as in Fira (whose S differs: NOTES): alpha shrinks the step
+    # inside the subspace only; scaling the residual too ended 1.6% (rank width/4) and 3.6% (width/8) higher in
+    # final loss at this project's long horizon (docs/quality.md).
+    # Computed without S itself: alpha N P + phi S = alpha ((N - (phi / alpha) R) P + (phi / alpha) G), and
+    # ||phi S||^2 = sum_i phi_i^2 (||G_i||^2 - ||R_i||^2), since R_i P = G_i P^T P is G_i's projection onto P's
+    # rows (P P^T = I). Where it differs from Fira's code, see NOTES.
     @staticmethod
-    def residual_step(G, R, N, P, last_norm, gamma=1.01):
-        """(N P + phi S, ||phi S||) for one matrix, or a stack (L, ...) with last_norm (L,). last_norm: None at
-        the first projected step (no limit then; later refreshes keep it)."""
+    def residual_step(G, R, N, P, alpha, last_norm, gamma=1.01):
+        """(N P + (phi / alpha) S, ||phi S||), phi after the limiter, for one matrix, or a stack (L, ...) with
+        last_norm (L,): the caller steps by lr x alpha times the first. last_norm: None at the first projected step
+        (no limit then; later refreshes keep it)."""
         dim = -1 if right_side(G.shape) else -2  # one phi per row of R (m, r), or per column of R (r, n)
         acc = torch.float64 if G.dtype == torch.float64 else torch.float32  # norms in fp32 (bf16 G too) or fp64
         norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=acc)
@@ -302,8 +307,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if last_norm is not None:  # the norm-growth limiter
             limiter = (S_norm / (last_norm.view(S_norm.shape) + 1e-8)).clamp_(min=gamma) / gamma
             phi, S_norm = phi / limiter, S_norm / limiter
-        phi = phi.to(G.dtype)
-        update = GaLoreAdamW.project_back(N - phi * R, P, G.shape).addcmul_(G, phi)  # (m, n): N P + phi S
+        phi = (phi / alpha).to(G.dtype)  # from here phi / alpha: the caller scales the update by lr x alpha
+        update = GaLoreAdamW.project_back(N - phi * R, P, G.shape).addcmul_(G, phi)  # (m, n): N P + (phi/alpha) S
         # In W's dtype, as torch's load_state_dict would cast it: a resumed bf16 run then takes the same steps.
         return update, S_norm.view(S_norm.shape[:-2]).to(G.dtype)
 
@@ -379,7 +384,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             torch._foreach_div_(N, bias_correction1)
             if group["residual"]:
                 last = torch.stack([st["residual_norm"] for st in states]) if "residual_norm" in states[0] else None
-                update, norms = self.residual_step(G, torch.stack(R), torch.stack(N), P, last)  # (L, m, n), (L,)
+                update, norms = self.residual_step(G, torch.stack(R), torch.stack(N), P, alpha, last)  # (L, m, n)
                 for st, norm in zip(states, norms.unbind()):  # views of one (L,) tensor: no launch per matrix
                     st["residual_norm"] = norm
             else:
@@ -618,12 +623,12 @@ def optimizer_state_bytes(optimizer):
 #   * one side rule (right_side), the paper's 'std', instead of proj_type strings. The other side would store
 #     fewer numbers (r max + 2 r min) with the same gradient energy, but Adam would normalize other coordinates;
 #     unmeasured, so not offered.
-# Fira's residual (residual=True) differs from Fira's reference code in three ways: S is the exact residual
-# G - R P (Fira subtracts alpha R P, which leaves (1 - alpha) of the in-subspace part in S); the whole update,
-# residual included, is scaled by alpha (Fira scales only P N): every part of a projected matrix then steps at
-# lr x alpha, as in the full-rank warmup; and phi and the limiter use the bias-corrected N (Fira's code corrects
-# after the limiter, which, with the moments reset at each refresh, would hold the residual down for a few dozen
-# steps after every refresh). Weight decay comes first here, as everywhere in this file.
+# Fira's residual (residual=True) differs from Fira's reference code in two ways: S is the exact residual
+# G - R P (Fira subtracts alpha R P, which leaves (1 - alpha) of the in-subspace part in S: 2.4% higher final
+# loss at width/8, 0.4% at width/4, measured with bench.py's FiraAsPublished); and phi and the limiter use the
+# bias-corrected N (Fira's code corrects after the limiter, which, with the moments reset at each refresh, would
+# hold the residual down for a few dozen steps after every refresh). As in Fira, only P N is scaled by alpha: the
+# residual steps at lr. Weight decay comes first here, as everywhere in this file.
 # Measured figures (this project's docs/quality.md and docs/speed.md, bench.py):
 #   * per-layer accumulation at 4 micro-batches ends 0.27% (exact SVD 0.24%) above the standard path; P from G_1
 #     alone, with no sketch, cost 1.5%; zeroing the moments at P_next instead of projecting them, 0.7%.

@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from bench import LADDER, PLAN_VARIANTS, FiraAsPublished, LaunchCounter, UnscaledResidual, tune
+from bench import LADDER, PLAN_VARIANTS, FiraAsPublished, LaunchCounter, ScaledResidual, tune
 from data import (DataError, check_fits, check_token_ids, get_batch, get_encoding, iter_windows, load_meta,
                   prepare, wikitext_documents)
 from galore import GaLoreAdamW, attach_per_layer_updates, galore_param_groups, optimizer_state_bytes
@@ -188,21 +188,21 @@ def test_batched_step_equals_one_matrix_at_a_time(dtype, svd, reset, residual):
 
 
 # --------------------------------------------------------------------------------- Fira's residual
-@pytest.mark.parametrize("form, dtype", [("ours", torch.float32), ("fira", torch.float32), ("unscaled", torch.float32),
+@pytest.mark.parametrize("form, dtype", [("ours", torch.float32), ("fira", torch.float32), ("scaled", torch.float32),
                                          ("ours", torch.float64)])
 def test_residual_step_is_fira_norm_scaled_residual_written_out(form, dtype):
-    # W -= lr alpha (P N + phi S): S = G - (R projected back), each row (tall W) or column (wide W) scaled by
+    # W -= lr (alpha P N + phi S): S = G - (R projected back), each row (tall W) or column (wide W) scaled by
     # phi = ||N_row|| / ||R_row||, and ||phi S|| held to at most 1.01 x the last step's. Written out here with S
     # itself (galore.py never forms it) and an exact SVD at every refresh. fira: bench.py's FiraAsPublished,
-    # W -= lr (alpha P N + phi (G - alpha R P)), as Fira's reference code; unscaled: bench.py's UnscaledResidual,
-    # W -= lr (alpha P N + phi S).
+    # W -= lr (alpha P N + phi (G - alpha R P)), as Fira's reference code; scaled: bench.py's ScaledResidual,
+    # W -= lr alpha (P N + phi S).
     for shape, r in (((24, 16), 4), ((16, 24), 4)):
         W = nn.Parameter(make_params([shape])[0].detach().to(dtype))
         group = {"params": [W], "rank": r, "update_proj_gap": 3}
-        optimizer = {"ours": GaLoreAdamW, "fira": FiraAsPublished, "unscaled": UnscaledResidual}[form]
+        optimizer = {"ours": GaLoreAdamW, "fira": FiraAsPublished, "scaled": ScaledResidual}[form]
         opt = optimizer([group], lr=1e-2, svd="full", residual=True)
         c = 0.25 if form == "fira" else 1.0  # S = G - c (R projected back)
-        a = 1.0 if form == "ours" else 0.25  # the residual steps at lr x alpha / a
+        s = 0.25 if form == "scaled" else 1.0  # the residual steps at lr x s
         ref, right, last, limited = W.detach().clone(), shape[0] >= shape[1], None, []
         for t in range(8):
             G = torch.randn(shape, generator=torch.Generator().manual_seed(t)).to(dtype) * (1 + t % 2)  # up, down
@@ -219,7 +219,7 @@ def test_residual_step_is_fira_norm_scaled_residual_written_out(form, dtype):
             if last is not None and phi_S.norm() > 1.01 * last:
                 phi_S, _ = phi_S * 1.01 * last / phi_S.norm(), limited.append(t)
             last = phi_S.norm()
-            ref -= 1e-2 * 0.25 * (back(N) + phi_S / a)
+            ref -= 1e-2 * (0.25 * back(N) + s * phi_S)
             opt.step()
             torch.testing.assert_close(W.detach(), ref, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(opt.state[W]["residual_norm"], last, rtol=1e-4, atol=0)
