@@ -654,8 +654,8 @@ LONG_RUNS = (
     # ... and as galore.py's residual=True forms it (the exact S, at lr: not lr x alpha)
     ("galore", 1e-2, {"residual": True}), ("galore", 1e-2, {"rank": 32, "residual": True}),
     ("galore", 3e-3, {"residual": True}),
-    # not yet run: the brackets still open (rank 64 best at 3e-3, rank 32 run at 1e-2 only; Fira's at 1e-2 only)
     ("galore", 1e-3, {"residual": True}), ("galore", 3e-3, {"rank": 32, "residual": True}),
+    # not yet run: the brackets still open (rank 32 above its 1e-2; Fira's update, run at 1e-2 only)
     ("galore", 3e-2, {"rank": 32, "residual": True}), ("galore", 3e-3, {"residual": "fira"}),
 )
 
