@@ -524,36 +524,33 @@ class FiraAsPublished(GaLoreAdamW):
         W -= lr * (alpha N P + phi (G - alpha R P))      (GaLoreAdamW: W -= lr * (alpha N P + phi (G - R P)))
     so its "residual" keeps (1 - alpha) of G's part inside the subspace. phi and the 1.01x limiter (on this
     residual's norm) come from the bias-corrected N, as in GaLoreAdamW (Fira's code corrects after the limiter:
-    galore.py's NOTES). ScaledResidual below is the other way to differ from GaLoreAdamW."""
-    keep_inside = True      # S = G - alpha R P (Fira's code), not the exact G - R P
-    scale_residual = False  # True: the residual steps at lr x alpha, as P N does (ScaledResidual)
+    galore.py's NOTES)."""
 
     def residual_step(self, G, R, N, P, alpha, last_norm, gamma=1.01):
-        """With c = alpha (keep_inside) or 1 and s = alpha (scale_residual) or 1, what _update steps by
-        lr x alpha: (N - (s c phi / alpha) R) P + (s phi / alpha) G; and ||phi (G - c R P)|| for the limiter."""
-        c = alpha if self.keep_inside else 1.0
-        s = alpha if self.scale_residual else 1.0
+        """What _update steps by lr x alpha: (N - phi R) P + (phi / alpha) G; and ||phi (G - alpha R P)||."""
         dim = -1 if right_side(G.shape) else -2
         acc = torch.float64 if G.dtype == torch.float64 else torch.float32
         norm = lambda X: torch.linalg.vector_norm(X, dim=dim, keepdim=True, dtype=acc)
         G2, R2 = norm(G).square(), norm(R).square()
         phi = norm(N) / (R2.sqrt() + 1e-8)
-        # ||G_i - c R_i P||^2 = ||G_i||^2 - 2c ||R_i||^2 + c^2 ||R_i||^2, since G_i P^T = R_i and P P^T = I
-        S_norm = (phi.square() * (G2 - (2 * c - c * c) * R2).clamp_(min=0)).sum((-2, -1), keepdim=True).sqrt_()
+        # ||G_i - a R_i P||^2 = ||G_i||^2 - 2a ||R_i||^2 + a^2 ||R_i||^2, since G_i P^T = R_i and P P^T = I
+        a = alpha
+        S_norm = (phi.square() * (G2 - (2 * a - a * a) * R2).clamp_(min=0)).sum((-2, -1), keepdim=True).sqrt_()
         if last_norm is not None:
             limiter = (S_norm / (last_norm.view(S_norm.shape) + 1e-8)).clamp_(min=gamma) / gamma
             phi, S_norm = phi / limiter, S_norm / limiter
-        phi = (s * phi / alpha).to(G.dtype)
-        update = GaLoreAdamW.project_back(N - c * phi * R, P, G.shape).addcmul_(G, phi)
+        phi = phi.to(G.dtype)
+        update = GaLoreAdamW.project_back(N - phi * R, P, G.shape).addcmul_(G, phi / a)
         return update, S_norm.view(S_norm.shape[:-2]).to(G.dtype)
 
 
-class ScaledResidual(FiraAsPublished):
+class ScaledResidual(GaLoreAdamW):
     """The exact residual S = G - R P, as GaLoreAdamW's, but stepped at lr x alpha like P N:
-    W -= lr * alpha * (N P + phi S) (run_config(residual='scaled')). galore.py shipped this form first; the long
-    runs put it behind (docs/quality.md), and it stays here to compare."""
-    keep_inside = False
-    scale_residual = True
+    W -= lr * alpha * (N P + phi S) (run_config(residual='scaled')), i.e. GaLoreAdamW's residual_step with alpha 1.
+    galore.py shipped this form first; the long runs put it behind (docs/quality.md), and it stays here to compare."""
+
+    def residual_step(self, G, R, N, P, alpha, last_norm, gamma=1.01):
+        return GaLoreAdamW.residual_step(G, R, N, P, 1.0, last_norm, gamma)
 
 
 def quality_run(data_dir, vocab_size, args, cfg):
